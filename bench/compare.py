@@ -1,0 +1,442 @@
+"""Benchmark pyproxymap against real Postfix proxymap(8) in one run.
+
+Usage (as root, from the repository):  .venv/bin/python bench/compare.py
+
+Builds a 100k-line texthash table, starts a throwaway Postfix instance and our
+server on it, checks that both answer correctly, warms both up, then runs the
+same closed-loop client (one process per connection, no pipelining) against
+each at every concurrency level, alternating the order so drift hits both.
+See bench/README.md for what is measured and the caveats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadgen import (
+    KEY_FMT,
+    LOOKUP_FLAGS,
+    VALUE_FMT,
+    CpuMeter,
+    Load,
+    check_answers,
+    connect,
+    descendants,
+    master_and,
+    run_row,
+)
+
+POSTFIX_SBIN = "/usr/sbin"
+
+
+@dataclass
+class Target:
+    """A server under test: where it listens and how to find its processes."""
+
+    name: str
+    socket: str
+    table: str
+    meter: Callable[[], CpuMeter]
+    note: str
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    """Run a command, return stdout+stderr; raise with the output on failure."""
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = (r.stdout + r.stderr).strip()
+    if check and r.returncode:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {r.returncode}: {out}")
+    return out
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} unreadable)"
+
+
+def wait_ready(path: str, table: str, timeout: float, alive: Callable[[], bool]) -> None:
+    """Wait until ``path`` accepts a connection and opens ``table``."""
+    t_end, last = time.monotonic() + timeout, "no attempt"
+    while time.monotonic() < t_end:
+        if not alive():
+            raise RuntimeError(f"server exited before {path} was ready ({last})")
+        try:
+            connect(path, table).close()
+            return
+        except OSError as e:  # ConnectionError, FileNotFoundError, timeouts
+            last = repr(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"{path} not ready after {timeout:.0f}s: {last}")
+
+
+def write_table(path: Path, nkeys: int) -> None:
+    """The texthash source: ``user<i>@example.com<TAB>value-<i>``."""
+    with path.open("w") as f:
+        f.writelines(f"{KEY_FMT.format(i=i)}\t{VALUE_FMT.format(i=i)}\n" for i in range(nkeys))
+    path.chmod(0o644)
+
+
+# ---------------------------------------------------------------- Postfix
+@contextmanager
+def throwaway_postfix(top: Path, table_path: Path) -> Iterator[Target]:
+    """A private Postfix instance (own config, queue, data dirs and master).
+
+    Recipe: shared/reference/master-protocol.md section 5.
+    """
+    etc, spool, data = top / "etc", top / "spool", top / "data"
+    etc.mkdir(parents=True)
+    spool.mkdir(mode=0o755)  # must exist; data/ must not (postfix check creates it)
+    (etc / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {spool}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = loopback-only
+myhostname = pfxbench.localdomain
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+syslog_name = postfix-pyproxymap-bench
+maillog_file = {top}/maillog
+maillog_file_prefixes = {top}
+proxy_read_maps = proxy:texthash:{table_path}
+"""
+    )
+    (etc / "master.cf").write_text(
+        "postlog    unix-dgram n - n - 1 postlogd\nproxymap   unix - - n - - proxymap\n"
+    )
+    postfix = f"{POSTFIX_SBIN}/postfix"
+    try:
+        sh(postfix, "-c", str(etc), "check")
+        sh(postfix, "-c", str(etc), "start")
+        table = f"texthash:{table_path}"
+        sock = str(spool / "private" / "proxymap")
+        wait_ready(sock, table, 30, lambda: True)
+        master = int((spool / "pid" / "master.pid").read_text().split()[0])
+    except Exception as e:
+        sh(postfix, "-c", str(etc), "stop", check=False)
+        raise RuntimeError(f"{e}\nmaillog:\n{tail(top / 'maillog')}") from e
+    try:
+        yield Target(
+            "postfix",
+            sock,
+            table,
+            lambda: CpuMeter(master_and(master)),
+            f"Postfix {sh('postconf', '-h', 'mail_version')} throwaway instance "
+            f"(config {etc}, master pid {master})",
+        )
+    finally:
+        sh(postfix, "-c", str(etc), "stop", check=False)
+
+
+@contextmanager
+def system_postfix(table_path: Path, why: str) -> Iterator[Target]:
+    """Fallback: the running system instance, if it proxies an identical table."""
+    queue = Path(sh("postconf", "-h", "queue_directory"))
+    want = table_path.read_bytes()
+    for tok in sh("postconf", "-xh", "proxy_read_maps").replace(",", " ").split():
+        if tok.startswith("proxy:texthash:"):
+            cand = Path(tok.removeprefix("proxy:texthash:"))
+            try:
+                if cand.stat().st_size == len(want) and cand.read_bytes() == want:
+                    break
+            except OSError:
+                continue
+    else:
+        raise RuntimeError(
+            f"throwaway Postfix failed ({why}) and the system instance proxies no texthash "
+            f"table identical to {table_path}"
+        )
+    master = int((queue / "pid" / "master.pid").read_text().split()[0])
+    table, sock = f"texthash:{cand}", str(queue / "private" / "proxymap")
+    wait_ready(sock, table, 30, lambda: True)
+    yield Target(
+        "postfix",
+        sock,
+        table,
+        lambda: CpuMeter(master_and(master)),
+        f"FALLBACK: system Postfix {sh('postconf', '-h', 'mail_version')} instance "
+        f"(master pid {master}, table {cand}) because the throwaway instance failed: {why}",
+    )
+
+
+# ---------------------------------------------------------------- ours
+@contextmanager
+def our_server(top: Path, table_path: Path, cmd_fmt: str) -> Iterator[Target]:
+    """Our server in the foreground, on its own queue directory; SIGTERM at the end."""
+    etc, spool = top / "etc", top / "spool"
+    etc.mkdir(parents=True)
+    (spool / "private").mkdir(parents=True, mode=0o700)
+    (etc / "main.cf").write_text(
+        f"queue_directory = {spool}\nproxy_read_maps = proxy:texthash:{table_path}\n"
+    )
+    cmd = shlex.split(cmd_fmt.format(bindir=Path(sys.executable).parent, conf=etc))
+    log = top / "server.log"
+    try:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot start our server ({e}); not installed yet? --targets postfix skips it"
+        ) from e
+    table, sock = f"texthash:{table_path}", str(spool / "private" / "proxymap")
+    try:
+        try:
+            wait_ready(sock, table, 60, lambda: proc.poll() is None)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{shlex.join(cmd)} log:\n{tail(log)}") from e
+        yield Target(
+            "ours",
+            sock,
+            table,
+            lambda: CpuMeter(descendants(proc.pid)),
+            f"pyproxymap: {shlex.join(cmd)} (pid {proc.pid})",
+        )
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# ---------------------------------------------------------------- report
+def machine() -> dict[str, Any]:
+    """Where the figures come from."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln]
+        info["cpu_model"] = models[0] if models else "?"
+        info["virtualised"] = " hypervisor" in cpuinfo
+        mem = Path("/proc/meminfo").read_text().split()[1]
+        info["mem_gib"] = round(int(mem) / 2**20, 1)
+        for ln in Path("/etc/os-release").read_text().splitlines():
+            if ln.startswith("PRETTY_NAME="):
+                info["os"] = ln.split("=", 1)[1].strip('"')
+    except (OSError, IndexError):
+        pass
+    return info
+
+
+HEADER = (
+    f"{'target':<8} {'conns':>5} {'lookups/s':>10} {'p50 µs':>8} {'p99 µs':>8} "
+    f"{'srv CPU':>7} {'µs/lkp':>6} {'procs':>5} {'cli CPU':>7} {'box%':>5} {'bad':>4}"
+)
+
+
+def fmt_row(name: str, r: dict[str, Any]) -> str:
+    """One result line (CPU in cores; µs/lkp = server CPU per lookup)."""
+    if r["errors"]:
+        return f"{name:<8} {r['conns']:>5}  FAILED: {'; '.join(r['errors'][:3])}"
+    return (
+        f"{name:<8} {r['conns']:>5} {r['lookups_per_s']:>10.0f} {r['p50_us']:>8.1f} "
+        f"{r['p99_us']:>8.1f} {r['server_cpu_cores']:>7.2f} "
+        f"{r['server_cpu_us_per_lookup']:>6.1f} {r['server_procs']:>5} "
+        f"{r['client_cpu_cores']:>7.2f} {r['box_busy_pct']:>5.0f} {r['bad_replies']:>4}"
+    )
+
+
+RATIO_METRICS = {
+    "throughput": "lookups_per_s",
+    "p50": "p50_us",
+    "p99": "p99_us",
+    "cpu_per_lookup": "server_cpu_us_per_lookup",
+}
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ours / postfix per concurrency, on the median over rounds of each metric."""
+    out = []
+    for conns in sorted({r["conns"] for r in rows}):
+        med = {}
+        for name in ("ours", "postfix"):
+            ok = [
+                r for r in rows if r["target"] == name and r["conns"] == conns and not r["errors"]
+            ]
+            if ok:
+                med[name] = {m: statistics.median(r[m] for r in ok) for m in RATIO_METRICS.values()}
+        if len(med) == 2:
+            a, b = med["ours"], med["postfix"]
+            out.append(
+                {"conns": conns}
+                | {k: a[m] / b[m] if b[m] else float("nan") for k, m in RATIO_METRICS.items()}
+            )
+    return out
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per row (%(default)s)")
+    ap.add_argument("--conns", default="1,16,64", help="connection counts (%(default)s)")
+    ap.add_argument("--keys", type=int, default=100_000, help="table size (%(default)s)")
+    ap.add_argument("--json", type=Path, help="also write machine, config and rows here")
+    ap.add_argument("--targets", default="ours,postfix", help="which servers to run (%(default)s)")
+    ap.add_argument(
+        "--postfix",
+        choices=["throwaway", "system"],
+        default="throwaway",
+        help="Postfix instance: throwaway (default; falls back to system) or system",
+    )
+    ap.add_argument(
+        "--ours-cmd",
+        default="{bindir}/pyproxymap serve -c {conf}",
+        help="our server's command; {bindir}=this python's bin dir, {conf}=config dir",
+    )
+    ap.add_argument("--warmup", type=int, default=200, help="untimed lookups per connection")
+    ap.add_argument(
+        "--warmup-time", type=float, default=2.0, help="untimed run per target before rows"
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all rows; ratios use medians (1)")
+    ap.add_argument("--pause", type=float, default=1.0, help="seconds between rows")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    args = ap.parse_args(argv)
+    args.conns = [int(c) for c in args.conns.split(",") if c]
+    args.targets = [t for t in args.targets.split(",") if t]
+    if not args.targets or set(args.targets) - {"ours", "postfix"}:
+        ap.error("--targets takes ours and/or postfix")
+    return args
+
+
+def start_targets(args: argparse.Namespace, top: Path, stack: ExitStack) -> list[Target]:
+    """Start the requested servers (ours first); each stops when ``stack`` closes."""
+    table_path = top / "big"
+    targets: list[Target] = []
+    if "ours" in args.targets:
+        targets.append(stack.enter_context(our_server(top / "ours", table_path, args.ours_cmd)))
+    if "postfix" in args.targets:
+        if args.postfix == "system":
+            targets.append(stack.enter_context(system_postfix(table_path, "--postfix system")))
+        else:
+            try:
+                pf = stack.enter_context(throwaway_postfix(top / "postfix", table_path))
+            except RuntimeError as e:
+                print(f"# throwaway Postfix failed, trying the system one: {e}", file=sys.stderr)
+                pf = stack.enter_context(system_postfix(table_path, str(e).splitlines()[0]))
+            targets.append(pf)
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("compare.py must run as root (it starts a Postfix master).", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    top = Path(tempfile.mkdtemp(prefix="pyproxymap-bench-"))
+    top.chmod(0o755)  # proxymap runs as mail_owner and must read the table
+    write_table(top / "big", args.keys)
+    info = machine()
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    try:
+        with ExitStack() as stack:
+            targets = start_targets(args, top, stack)
+            notes = {t.name: t.note for t in targets}
+            rows = bench(args, info, targets)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if args.keep:
+            print(f"# kept {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+    if args.json:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report = {
+            "machine": info,
+            "config": config,
+            "targets": notes,
+            "rows": rows,
+            "ratios": ratios(rows),
+        }
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def bench(
+    args: argparse.Namespace, info: dict[str, Any], targets: list[Target]
+) -> list[dict[str, Any]]:
+    """Guard, warm up, then the alternating timed rows; prints as it goes."""
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}  "
+        + "  ".join(f"{k}={v}" for k, v in info.items())
+    )
+    print(
+        f"# texthash {args.keys} keys, lookup flags {LOOKUP_FLAGS}, {args.duration:g}s per row, "
+        f"{args.warmup} warm-up lookups per connection, client: 1 process per connection"
+    )
+    for t in targets:
+        print(f"# {t.name}: {t.note}")
+        problems = check_answers(t.socket, t.table, args.keys)
+        if problems:
+            raise RuntimeError(f"{t.name} gives wrong answers, not benchmarking: {problems[:3]}")
+        load = Load(t.socket, t.table, args.keys, args.warmup, args.seed)
+        warm = run_row(load, max(args.conns), args.warmup_time, t.meter())
+        if warm["errors"]:
+            raise RuntimeError(f"{t.name} warm-up failed: {warm['errors'][:3]}")
+    print("# answers checked, warm-up done\n" + HEADER, flush=True)
+    rows = []
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f"# round {rnd + 1} of {args.rounds}")
+        for k, conns in enumerate(args.conns):
+            # Alternate who goes first, so drift (thermal, neighbours) hits both.
+            for t in targets if (k + rnd) % 2 == 0 else targets[::-1]:
+                time.sleep(args.pause)
+                seed = args.seed + 1000 * rnd + k
+                load = Load(t.socket, t.table, args.keys, args.warmup, seed)
+                row = {"target": t.name, "round": rnd + 1}
+                row |= run_row(load, conns, args.duration, t.meter())
+                rows.append(row)
+                print(fmt_row(t.name, row), flush=True)
+    rat = ratios(rows)
+    if rat:
+        over = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
+        print(f"\nours / postfix{over}   (throughput > 1 and latency < 1 favour ours)")
+        print(f"{'conns':>5} {'lookups/s':>10} {'p50':>6} {'p99':>6} {'CPU/lookup':>10}")
+        for r in rat:
+            print(
+                f"{r['conns']:>5} {r['throughput']:>9.2f}x {r['p50']:>5.2f}x {r['p99']:>5.2f}x "
+                f"{r['cpu_per_lookup']:>9.2f}x"
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The ``pyproxymap`` command: serve | query | check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from . import demo, logs, settings
+from .client import Client, ProxymapError
+from .config.allowlist import build_allowlist
+from .config.maincf import ConfigError, MainCf
+from .server.app import ProxymapServer, socket_path
+from .server.listener import SocketInUse
+
+log = logging.getLogger("pyproxymap")
+
+EXIT_FOUND, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"pyproxymap: -o {pair}: expected name=value")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _config(args: argparse.Namespace) -> tuple[MainCf, settings.Settings]:
+    maincf = MainCf.load(args.config_dir, _overrides(args.override))
+    toml = Path(args.config) if args.config else maincf.config_dir / "pyproxymap.toml"
+    return maincf, settings.load(toml, args)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", dest="config_dir", default="/etc/postfix",
+                        help="Postfix configuration directory (default: /etc/postfix)")
+    parser.add_argument("-o", dest="override", action="append", default=[],
+                        metavar="NAME=VALUE", help="override a main.cf parameter")
+    parser.add_argument("--config", help="pyproxymap TOML settings file "
+                        "(default: pyproxymap.toml in the configuration directory)")
+    settings.add_arguments(parser)
+
+
+# -- serve ----------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    demo_dir = None
+    if args.demo:
+        demo_dir = demo.create()
+        args.config_dir = str(demo_dir)
+    maincf, conf = _config(args)
+    logs.setup(conf.log_level)
+    if demo_dir is not None:
+        print(demo.instructions(demo_dir), flush=True)
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop  # optional speed-up
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        asyncio.run(_serve(maincf, conf))
+    except (SocketInUse, OSError) as e:
+        log.critical("%s", e)
+        return 1
+    finally:
+        if demo_dir is not None:
+            shutil.rmtree(demo_dir, ignore_errors=True)
+    return 0
+
+
+async def _serve(maincf: MainCf, conf: settings.Settings) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = ProxymapServer(maincf, conf)
+    await server.start()
+    log.info("pyproxymap started, config %s", maincf.config_dir)
+    await stop.wait()
+    log.info("stopping: letting in-flight requests finish")
+    await server.stop()
+    log.info("stopped")
+
+
+# -- query ----------------------------------------------------------------------------
+def _table_name(table: str) -> str:
+    while table.startswith("proxy:"):
+        table = table[len("proxy:"):]
+    return table
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    maincf, conf = _config(args)
+    table = _table_name(args.table)
+    path = socket_path(maincf, conf, "proxywrite" if args.write else "proxymap")
+    found = False
+    try:
+        with Client(path) as client:
+            for key in args.keys:
+                value = client.lookup(table, key)
+                if value is None:
+                    continue
+                found = True
+                text = value.decode("utf-8", "replace")
+                print(f"{key}\t{text}" if len(args.keys) > 1 else text)
+    except ProxymapError as e:
+        print(f"pyproxymap: table proxy:{table}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"pyproxymap: cannot query {path}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_FOUND if found else EXIT_NOT_FOUND
+
+
+# -- check ----------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    maincf, _ = _config(args)
+    quiet = logging.getLogger("pyproxymap.check")
+    lists = {writer: build_allowlist(maincf, writer, quiet) for writer in (False, True)}
+    ok = True
+    for given in args.tables:
+        table = _table_name(given)
+        print(f"proxy:{table}")
+        for writer, allowlist in lists.items():
+            service = "proxywrite (read-write)" if writer else "proxymap (read-only)"
+            if allowlist.approves(table):
+                print(f"  {service}: approved, listed in {allowlist.tables[table]}")
+            else:
+                print(f"  {service}: NOT approved; {allowlist.hint(table)}")
+                if writer == args.write:
+                    ok = False
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyproxymap", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxymap and proxywrite services (foreground)")
+    _add_config_options(serve)
+    serve.add_argument("--demo", action="store_true",
+                       help="serve a built-in demo config with its own sockets in a temp dir")
+    serve.set_defaults(func=cmd_serve)
+
+    query = sub.add_parser("query", help="look keys up through the running server, "
+                           "like postmap -q (exit 0 found, 1 not found, 2 error)")
+    _add_config_options(query)
+    query.add_argument("-w", "--write", action="store_true", help="ask the proxywrite service")
+    query.add_argument("table", metavar="TABLE", help="[proxy:]type:name")
+    query.add_argument("keys", metavar="KEY", nargs="+")
+    query.set_defaults(func=cmd_query)
+
+    check = sub.add_parser("check", help="say whether tables are approved for the proxymap "
+                           "(read) and proxywrite (write) services, and how to approve them")
+    _add_config_options(check)
+    check.add_argument("-w", "--write", action="store_true",
+                       help="exit non-zero unless approved for write (default: for read)")
+    check.add_argument("tables", metavar="TABLE", nargs="+", help="[proxy:]type:name")
+    check.set_defaults(func=cmd_check)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"pyproxymap: fatal: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The server core: service (no sockets), table cache, sessions, listeners."""

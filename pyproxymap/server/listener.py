@@ -1,0 +1,58 @@
+"""Listening UNIX-domain sockets, bound the way Postfix's private sockets are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+
+class SocketInUse(Exception):
+    """Another server already answers on the socket path."""
+
+
+def _answering(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def prepare_socket_path(path: Path, owner: str | None = None) -> None:
+    """Make the directory (0700, owned by ``owner`` when we are root, like Postfix's
+    private/) and remove a stale socket; refuse to steal a live server's socket."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        if owner and os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                user = pwd.getpwnam(owner)
+                os.chown(directory, user.pw_uid, grp.getgrgid(user.pw_gid).gr_gid)
+    if path.is_symlink() or path.exists():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket")
+        if _answering(path):
+            raise SocketInUse(f"another server is already listening on {path}")
+        path.unlink()
+
+
+async def listen_unix(
+    path: Path, factory: Callable[[], asyncio.Protocol], *, owner: str | None, backlog: int = 511
+) -> asyncio.Server:
+    prepare_socket_path(path, owner)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(factory, path=str(path), backlog=backlog)
+    os.chmod(path, 0o666)  # access is controlled by the directory, as Postfix does
+    return server

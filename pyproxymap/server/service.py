@@ -1,0 +1,159 @@
+"""Request in, reply bytes out: the proxymap service without any socket.
+
+This is where a request meets the allow-list and a table, and the one place
+where outcomes become status codes:
+
+====================================  ========
+found / done                          OK
+not found                             NOKEY
+TableRetry, timeout, any other error  RETRY
+TableConfigError, Unsupported         CONFIG
+malformed request                     BAD
+not approved, write on proxymap       DENY
+====================================  ========
+
+A failure is never answered NOKEY: Postfix would bounce mail on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from inspect import isawaitable
+from typing import Any
+
+from ..config.allowlist import AllowList
+from ..tables.base import Table, TableConfigError, TableRetry, Unsupported
+from ..wire.proxymap import (
+    DELETE,
+    FIXED,
+    FOLD_FIX,
+    FOLD_MUL,
+    LOCK,
+    LOOKUP,
+    OPEN,
+    OPEN_LOCK,
+    PATTERN,
+    SEQ_FIRST,
+    SEQ_NEXT,
+    SEQUENCE,
+    UPDATE,
+    Request,
+    Status,
+    encode_reply,
+)
+from .tablecache import TableCache, TableUnavailable
+
+PROXY_PREFIX = "proxy:"
+Reply = bytes | Awaitable[bytes]
+
+
+class Service:
+    """One proxymap-protocol service (the read-only proxymap, or proxywrite)."""
+
+    def __init__(self, allowlist: AllowList, tables: TableCache, log: logging.Logger) -> None:
+        self.allowlist = allowlist
+        self.tables = tables
+        self.log = log
+        self.writer = allowlist.writer
+        self.name = "proxywrite" if self.writer else "proxymap"
+
+    def handle(self, req: Request) -> Reply:
+        """The reply to ``req``: bytes when it is ready now, else an awaitable of bytes."""
+        name = req.table
+        while name.startswith(PROXY_PREFIX):
+            name = name[len(PROXY_PREFIX) :]
+        op = req.op
+        if op in (UPDATE, DELETE) and not self.writer:
+            self.log.warning(
+                "refusing %s %s request on non-proxywrite service", name, op
+            )
+            return encode_reply(op, req.dialect, Status.DENY)
+        if ":" not in name:
+            self.log.warning("%s request: table name without type: %r", op, name)
+            return encode_reply(op, req.dialect, Status.BAD)
+        if not self.allowlist.approves(name):
+            self.log.warning('request for unapproved table: "%s"', name)
+            self.log.warning("%s", self.allowlist.hint(name))
+            return encode_reply(op, req.dialect, Status.DENY)
+        if op == SEQUENCE and req.function not in (SEQ_FIRST, SEQ_NEXT):
+            self.log.warning("sequence request with bad function %d", req.function)
+            return encode_reply(op, req.dialect, Status.BAD)
+        if req.flags & OPEN_LOCK and req.flags & LOCK:
+            # Postfix's dict_open panics on this combination; no real client sends it.
+            self.log.warning("%s request for %s with both open lock and access lock flags",
+                             op, name)
+            return encode_reply(op, req.dialect, Status.BAD)
+        table = self.tables.get(name, req.instance_flags)
+        if isinstance(table, Table):
+            return self._call(req, table)
+        return self._call_when_open(req, table)
+
+    async def _call_when_open(self, req: Request, opening: Awaitable[Table]) -> bytes:
+        reply = self._call(req, await opening)
+        return reply if isinstance(reply, bytes) else await reply
+
+    def _call(self, req: Request, table: Table) -> Reply:
+        op = req.op
+        if op == OPEN:
+            return encode_reply(op, req.dialect, Status.OK, req.instance_flags | table.flags)
+        try:
+            if op == LOOKUP:
+                result: Any = table.lookup(self._fold(req.key, req.flags, table), req.flags)
+            elif op == SEQUENCE:
+                result = table.sequence(req.function, req.flags)
+            elif op == UPDATE:
+                result = table.update(self._fold(req.key, req.flags, table), req.value, req.flags)
+            else:
+                result = table.delete(self._fold(req.key, req.flags, table), req.flags)
+        except Exception as e:
+            return self._failed(req, e)
+        if isawaitable(result):
+            return self._finish(req, result)
+        return self._succeeded(req, result)
+
+    async def _finish(self, req: Request, pending: Awaitable[Any]) -> bytes:
+        try:
+            result = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return self._failed(req, e)
+        return self._succeeded(req, result)
+
+    @staticmethod
+    def _fold(key: bytes, flags: int, table: Table) -> bytes:
+        """Fold the key when the request asks and the table kind matches, as Postfix does."""
+        if (flags & FOLD_FIX and table.flags & FIXED) or (flags & FOLD_MUL and table.flags & PATTERN):
+            return table.ctx.fold(key)
+        return key
+
+    @staticmethod
+    def _succeeded(req: Request, result: Any) -> bytes:
+        op, dialect, flags = req.op, req.dialect, req.flags
+        if op == LOOKUP:
+            if result is None:
+                return encode_reply(op, dialect, Status.NOKEY, flags)
+            return encode_reply(op, dialect, Status.OK, flags, value=result)
+        if op == SEQUENCE:
+            if result is None:
+                return encode_reply(op, dialect, Status.NOKEY, flags)
+            key, value = result
+            return encode_reply(op, dialect, Status.OK, flags, key=key, value=value)
+        if op == DELETE and result is False:
+            return encode_reply(op, dialect, Status.NOKEY, flags)
+        return encode_reply(op, dialect, Status.OK, flags)
+
+    def _failed(self, req: Request, error: BaseException) -> bytes:
+        if isinstance(error, TableRetry | TimeoutError):
+            status = Status.RETRY
+            if not isinstance(error, TableUnavailable):  # logged once, when the open failed
+                self.log.warning("%s", error or f"{req.table}: {req.op} timed out")
+        elif isinstance(error, TableConfigError | Unsupported):
+            status = Status.CONFIG
+            self.log.warning("%s", error)
+        else:
+            status = Status.RETRY
+            self.log.error("%s: %s failed", req.table, req.op, exc_info=error)
+        return encode_reply(req.op, req.dialect, status, req.flags)

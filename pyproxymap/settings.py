@@ -1,0 +1,126 @@
+"""pyproxymap's own settings: what Postfix's main.cf has no word for.
+
+Every setting is defined once here (name, type, default, help); the command
+line options, the optional TOML file (``pyproxymap.toml`` beside main.cf, or
+``--config FILE``) and the README's table all come from this list.
+Precedence: command line > TOML file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .wire.attr import Limits
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    request_timeout: float = _setting(
+        1.0,
+        "Seconds a client has to send a whole request once it has begun, and to take a "
+        "reply we could not write at once; past it the connection is closed (Postfix's "
+        "proxymap uses the same 1 s deadline).",
+    )
+    max_name_length: int = _setting(64, "Longest attribute name accepted in a request.")
+    max_value_length: int = _setting(
+        262144,
+        "Longest attribute value (key, value, table name) accepted in a request. Postfix's "
+        "longest keys are header_checks lookups (header_size_limit = 102400).",
+    )
+    max_attributes: int = _setting(16, "Most attributes accepted in one request.")
+    max_pipelined: int = _setting(
+        128, "Requests read ahead on one connection before reading pauses for replies."
+    )
+    reload_check_interval: float = _setting(
+        1.0,
+        "Seconds between checks whether an open table's file changed; a changed table is "
+        "reopened in the background and swapped in atomically.",
+    )
+    reopen_delay: float = _setting(1.0, "Seconds before a table that failed to open is retried.")
+    shutdown_grace: float = _setting(
+        10.0, "Seconds a stopping server lets in-flight requests finish before closing."
+    )
+    proxymap_socket: str = _setting(
+        "",
+        "Path of the read-only service socket "
+        "(default: $queue_directory/private/$proxymap_service_name).",
+    )
+    proxywrite_socket: str = _setting(
+        "",
+        "Path of the read-write service socket "
+        "(default: $queue_directory/private/$proxywrite_service_name).",
+    )
+    services: str = _setting(
+        "proxymap,proxywrite", "Services to run, comma-separated: proxymap, proxywrite."
+    )
+    log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_name_length, self.max_value_length, self.max_attributes)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [s.strip() for s in self.services.split(",") if s.strip()]
+
+    def validate(self) -> Settings:
+        for name in self.service_names:
+            if name not in ("proxymap", "proxywrite"):
+                raise ValueError(f"unknown service {name!r} in services (proxymap, proxywrite)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and value <= 0:
+                raise ValueError(f"{f.name} must be positive, not {value}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"unknown log_level {self.log_level!r}")
+        return self
+
+
+def definitions() -> list[tuple[str, type, Any, str]]:
+    """(name, type, default, help) of every setting, in definition order."""
+    hints = get_type_hints(Settings)
+    return [(f.name, hints[f.name], f.default, f.metadata["help"]) for f in fields(Settings)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--name`` option per setting (default None: "not given")."""
+    group = parser.add_argument_group("pyproxymap settings (also in pyproxymap.toml)")
+    for name, kind, default, text in definitions():
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{text} (default: {default!r})",
+        )
+
+
+def known_names() -> list[str]:
+    return [f.name for f in fields(Settings)]
+
+
+def load(toml_path: Path | None, args: argparse.Namespace | None = None) -> Settings:
+    """Settings from the TOML file (when it exists) overridden by command-line options."""
+    values: dict[str, Any] = {}
+    if toml_path is not None and toml_path.exists():
+        with toml_path.open("rb") as f:
+            data = tomllib.load(f)
+        known = {name: kind for name, kind, _, _ in definitions()}
+        for name, value in data.items():
+            if name not in known:
+                raise ValueError(f"{toml_path}: unknown setting {name!r}")
+            values[name] = known[name](value)
+    if args is not None:
+        for name in known_names():
+            given = getattr(args, name, None)
+            if given is not None:
+                values[name] = given
+    return replace(Settings(), **values).validate()

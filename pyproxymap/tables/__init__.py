@@ -1,0 +1,1 @@
+"""Table types, one file each, all behind the Table interface of ``base``."""

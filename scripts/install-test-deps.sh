@@ -1,0 +1,22 @@
+#!/bin/sh
+# Everything the test suite needs on a fresh Debian/Ubuntu machine (run as root):
+# Debian's Postfix and its map packages (the interop tests use the real postmap,
+# postconf and Postfix's own client library as the oracle), then a virtualenv
+# with the project and its test tools. Safe to run again.
+set -eu
+cd "$(dirname "$0")/.."
+
+need=""
+for p in postfix postfix-lmdb postfix-cdb postfix-pcre python3-venv; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"
+done
+if [ -n "$need" ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    # "No configuration": install the programs without configuring or starting a system
+    # Postfix; the tests run their own throwaway configurations.
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need
+fi
+
+scripts/venv.sh test

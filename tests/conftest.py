@@ -1,0 +1,104 @@
+"""Shared fixtures: throwaway Postfix config dirs and a real `pyproxymap serve` on them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_confdir(root: Path, main_cf: str) -> Path:
+    """A config dir whose queue_directory is private to it (so Postfix clients given
+    ``-c root`` talk to the server started on it, not to a system Postfix)."""
+    (root / "q" / "private").mkdir(parents=True, exist_ok=True)
+    (root / "main.cf").write_text(f"queue_directory = {root}/q\ncompatibility_level = 3.6\n"
+                                  + main_cf)
+    return root
+
+
+def backdate(*paths: Path, seconds: int = 10) -> None:
+    """Postfix waits for a table file modified in the last seconds to "cool down"
+    (up to 1.8 s per open); make files the test just wrote older."""
+    when = time.time() - seconds
+    for path in paths:
+        os.utime(path, (when, when))
+
+
+def connectable(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.settimeout(1)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class RunningServer:
+    def __init__(self, confdir: Path, *args: str) -> None:
+        self.confdir = confdir
+        self.log_path = confdir / "server.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyproxymap.cli", "serve", "-c", str(confdir), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        deadline = time.time() + 20
+        while not all(connectable(self.socket(s)) for s in ("proxymap", "proxywrite")):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def socket(self, service: str = "proxymap") -> Path:
+        return self.confdir / "q" / "private" / service
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """serve(confdir, *args) starts `pyproxymap serve -c confdir`; stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(confdir: Path, *args: str) -> RunningServer:
+        started.append(RunningServer(confdir, *args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    if shutil.which("postmap"):
+        return
+    skip = pytest.mark.skip(reason="Postfix is not installed (make test installs it)")
+    for item in items:
+        if "interop" in item.keywords:
+            item.add_marker(skip)
