@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 import shutil
 import signal
 import sys
@@ -74,7 +75,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_open_file_limit() -> None:
+    """Every client is a file descriptor: allow as many as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _serve(maincf: MainCf, conf: settings.Settings) -> None:
+    _raise_open_file_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -158,7 +158,13 @@ class Session(asyncio.Protocol):
         self._task = asyncio.ensure_future(self._deliver(reply))
 
     async def _deliver(self, reply: Awaitable[bytes]) -> None:
-        data = await reply
+        try:
+            data = await reply
+        except Exception:  # the service answers failures itself; this is a bug
+            self._log.exception("request failed; closing the connection")
+            self._task = None
+            self.abort()
+            return
         self._task = None
         if self._transport is None:
             return

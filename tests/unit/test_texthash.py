@@ -79,10 +79,16 @@ class Postfix:
     confdir: Path
     fold: Fold
 
-    def run_all(self, commands: list[tuple[str | bytes, ...]]) -> list[Answer]:
+    def run_all(self, commands: list[tuple[str | bytes, ...]], batch: int = 64) -> list[Answer]:
         base = ["postmap", "-c", str(self.confdir)]
-        procs = [subprocess.Popen([*base, *args], stdout=PIPE, stderr=PIPE) for args in commands]
-        return [_answer(*proc.communicate(timeout=30), proc.returncode) for proc in procs]
+        answers = []
+        for i in range(0, len(commands), batch):
+            procs = [
+                subprocess.Popen([*base, *args], stdout=PIPE, stderr=PIPE)
+                for args in commands[i : i + batch]
+            ]
+            answers += [_answer(*proc.communicate(timeout=30), proc.returncode) for proc in procs]
+        return answers
 
     def run(self, *args: str | bytes) -> Answer:
         return self.run_all([args])[0]
