@@ -51,6 +51,6 @@ class InlineTable(HashTable):
                     data = rhs_files_to_b64(data)
                 except SourceError as e:  # a missing file may yet appear: retry
                     raise TableRetry(f'{e}: "{spec}"; {need}') from e
-            self.entries[as_bytes(key)] = data
+            self.entries[ctx.fold(as_bytes(key))] = data
         if not self.entries:
             raise TableConfigError(f'empty table: "{spec}"; {need}')

@@ -49,10 +49,6 @@ class HashTable(Table):
             self._cursor = None
         return None if self._cursor is None else next(self._cursor, None)
 
-    def close(self) -> None:
-        self.entries.clear()
-        self._cursor = None
-
 
 class TexthashTable(HashTable):
     """The file is read once at open; ``changed()`` tells when to open it again."""
