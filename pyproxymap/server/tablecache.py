@@ -101,21 +101,26 @@ class TableCache:
             writable=self._writable,
             fold=self._fold,
             log=self._log,
+            open_nested=self._open_nested,
         )
+
+    def _open_nested(self, name: str, instance_flags: int) -> Table:
+        """Open a component table now (we are already in a worker thread)."""
+        ctx = self._context((name, instance_flags))
+        driver = driver_for(ctx.type)
+        if driver is None:
+            raise TableRetry(f"unsupported dictionary type: {ctx.type}")
+        return driver.open(ctx)
 
     def _open_now(self, key: Key) -> Table:
         """Open a table (in a worker thread); never raises."""
-        ctx = self._context(key)
-        driver = driver_for(ctx.type)
-        if driver is None:
-            return UnavailableTable(ctx, f"unsupported dictionary type: {ctx.type}")
         try:
-            return driver.open(ctx)
+            return self._open_nested(*key)
         except TableError as e:
-            return UnavailableTable(ctx, str(e))
+            return UnavailableTable(self._context(key), str(e))
         except Exception as e:  # a driver bug must not take the service down
-            self._log.exception("%s: open failed", ctx.spec)
-            return UnavailableTable(ctx, f"open failed: {e!r}")
+            self._log.exception("%s: open failed", key[0])
+            return UnavailableTable(self._context(key), f"open failed: {e!r}")
 
     async def refresh_changed(self) -> None:
         """Reopen every table whose data changed, swapping each in when it is ready."""

@@ -72,6 +72,10 @@ class OpenContext:
     writable: bool = False  # opened for the proxywrite service (O_RDWR|O_CREAT)
     fold: Callable[[bytes], bytes] = utf8_fold  # how this server folds keys (smtputf8_enable)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pyproxymap"))
+    #: Opens a component table ("type:name", instance flags) for types made of other
+    #: tables (unionmap, pipemap): a private instance, opened directly as Postfix does
+    #: (components need no approval of their own). Raises TableError when it fails.
+    open_nested: Callable[[str, int], Table] | None = None
 
     @property
     def spec(self) -> str:
