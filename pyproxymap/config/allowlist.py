@@ -108,6 +108,7 @@ class _Collector:
         self._files: list[str] = []  # files being read, to stop include loops
 
     def scan(self, text: str, origin: str) -> None:
+        """Approve each proxy: table named in text; origin is where text came from."""
         for token in tokens(text):
             if token.startswith("{"):
                 inner, err = extpar(token)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,17 +19,22 @@ from pyproxymap.config.defaults import COMPUTED, DEFAULTS, PROXY_READ_MAPS_NAMES
 from pyproxymap.config.maincf import ConfigError, MainCf, logical_lines, split_nameval
 
 needs_postconf = pytest.mark.skipif(shutil.which("postconf") is None, reason="needs postconf")
-interop = [pytest.mark.interop, needs_postconf]
 
 #: Parameters that 3.12 defines differently from the installed 3.7 oracle.
 CHANGED_SINCE_37 = {"proxy_read_maps"}
 
 
 def confdir(root: Path, text: str) -> Path:
-    """A config dir whose main.cf is text; master.cf exists so postconf stays quiet."""
+    """A config dir whose main.cf is text; master.cf exists so postconf stays quiet.
+
+    main.cf is backdated: Postfix rereads a file changed in the last second until
+    it "cools down", which costs postconf up to two seconds.
+    """
     root.mkdir(parents=True, exist_ok=True)
     (root / "main.cf").write_text(text)
     (root / "master.cf").write_text("")
+    past = time.time() - 10
+    os.utime(root / "main.cf", (past, past))
     return root
 
 
@@ -46,14 +53,25 @@ def normalize(value: str) -> str:
 
 
 def postconf(root: Path, *names: str, flags: tuple[str, ...] = ("-x",)) -> dict[str, str] | None:
-    """name -> value as `postconf -c root` prints them, or None when postconf fails."""
-    proc = subprocess.run(
-        ["postconf", "-c", str(root), *flags, *names], capture_output=True, text=True, check=False
-    )
+    """name -> value as `postconf -c root` prints them, or None when postconf fails.
+
+    A fatal error makes postconf sleep a second before it exits: stop it at once.
+    """
+    with subprocess.Popen(
+        ["postconf", "-c", str(root), *flags, *names],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stderr is not None and proc.stdout is not None
+        if any(": fatal: " in line for line in proc.stderr):
+            proc.kill()
+            return None
+        output = proc.stdout.read()
     if proc.returncode != 0:
         return None
     values = {}
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         name, _, value = line.partition(" =")
         values[name] = value[1:]
     return values
@@ -113,7 +131,7 @@ def test_line_without_equals_is_fatal_with_line_number(tmp_path):
 
 
 def test_missing_main_cf_or_config_dir(tmp_path):
-    with pytest.raises(ConfigError, match="open .*main.cf: No such file or directory"):
+    with pytest.raises(ConfigError, match=r"open .*main\.cf: No such file or directory"):
         MainCf.load(tmp_path)
     with pytest.raises(ConfigError, match="No such file or directory"):
         MainCf.load(tmp_path / "nonexistent")
@@ -195,7 +213,7 @@ def test_expand_errors(text, error):
 
 def test_unbalanced_braces_inside_conditional():
     with pytest.raises(ConfigError, match="unbalanced"):
-        expand("${x?{a}:{b}", x="X")  # mac_parse balances only the outer {}: "x?{a}:{b"
+        expand("$(x?{a)", x="X")  # $(...) balances only parentheses
 
 
 def test_reference_loop_is_an_error_not_a_hang():
@@ -213,7 +231,7 @@ def chain(length: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_nesting_limit_is_postfix_s():
+def test_nesting_limit_is_100_levels_as_in_postfix():
     ok = MainCf("/x", dict(split_nameval(line) for line in chain(100).splitlines()))
     assert ok.get("p0") == "end"
     too_deep = MainCf("/x", dict(split_nameval(line) for line in chain(101).splitlines()))
@@ -316,8 +334,10 @@ def test_computed_host_defaults(monkeypatch):
     assert typed(mydomain="example.org").get("myhostname") == "mx.example.org"
     assert typed(myhostname="a.b.example").get("mydomain") == "b.example"
     assert typed(mydomain="x.$myhostname").get("myhostname") == "mx.x."  # no loop
-    assert typed(mydomain="ex.org").get("smtp_requiretls_policy").startswith(
-        "inline:{{ex.org=opportunistic}, {.ex.org=opportunistic}"
+    assert (
+        typed(mydomain="ex.org")
+        .get("smtp_requiretls_policy")
+        .startswith("inline:{{ex.org=opportunistic}, {.ex.org=opportunistic}")
     )
     monkeypatch.setattr(defaults, "_gethostname", lambda: "mx.example.com")
     assert typed(mydomain="other").get("myhostname") == "mx.example.com"
@@ -333,7 +353,9 @@ def test_mynetworks_styles(monkeypatch):
     )
     monkeypatch.setattr(defaults, "_interfaces", lambda: interfaces)
     assert typed().get("mynetworks") == "127.0.0.0/8 10.1.0.0/16 [fe80::]/64"
-    assert typed(compatibility_level="2").get("mynetworks") == "127.0.0.1/32 10.1.2.3/32 [fe80::1]/128"
+    assert (
+        typed(compatibility_level="2").get("mynetworks") == "127.0.0.1/32 10.1.2.3/32 [fe80::1]/128"
+    )
     assert typed(mynetworks_style="class").get("mynetworks") == "127.0.0.0/8 10.0.0.0/8 [fe80::]/64"
     with pytest.raises(ConfigError, match="bad mynetworks_style"):
         typed(mynetworks_style="bogus").get("mynetworks")
@@ -344,11 +366,13 @@ def test_mynetworks_styles(monkeypatch):
 text_without_dollar = st.text(st.characters(blacklist_characters="$\0"), max_size=40)
 
 
+@settings(derandomize=True)
 @given(text_without_dollar)
 def test_text_without_dollar_is_unchanged(text):
     assert expand(text) == text
 
 
+@settings(derandomize=True)
 @given(st.text(st.characters(blacklist_characters="\0"), max_size=40))
 def test_doubled_dollars_are_literal(text):
     assert expand(text.replace("$", "$$")) == text
@@ -356,11 +380,11 @@ def test_doubled_dollars_are_literal(text):
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True)
 values = st.text(
-    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=0, max_size=20
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=0, max_size=20
 ).map(lambda v: v.strip())
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(names, values, max_size=8))
 def test_written_parameters_read_back_raw(tmp_path, params):
     cf = load(tmp_path, "".join(f"{k} = {v}\n" for k, v in params.items()))
@@ -489,9 +513,9 @@ def value_strategy(refs: list[str]) -> st.SearchStrategy[str]:
             st.tuples(names, st.sampled_from("?:"), st.one_of(braced, words)).map(
                 lambda t: "${" + "".join(t) + "}"
             ),
-            st.tuples(names, braced, braced).map(lambda t: "${%s?%s:%s}" % t),
+            st.tuples(names, braced, braced).map(lambda t: f"${{{t[0]}?{t[1]}:{t[2]}}}"),
             st.tuples(st.one_of(inner, levels), ops, st.one_of(inner, levels), braced, braced).map(
-                lambda t: "${{%s} %s {%s} ? %s : %s}" % t
+                lambda t: f"${{{{{t[0]}}} {t[1]} {{{t[2]}}} ? {t[3]} : {t[4]}}}"
             ),
         )
 
@@ -503,9 +527,7 @@ def value_strategy(refs: list[str]) -> st.SearchStrategy[str]:
 
 @st.composite
 def main_cfs(draw) -> str:
-    lines = [
-        f"{name} = {draw(value_strategy(PARAMS[i + 1 :]))}" for i, name in enumerate(PARAMS)
-    ]
+    lines = [f"{name} = {draw(value_strategy(PARAMS[i + 1 :]))}" for i, name in enumerate(PARAMS)]
     if draw(st.booleans()):
         lines.insert(0, f"compatibility_level = {draw(st.sampled_from(['0', '2', '3.6']))}")
     return "\n".join(lines) + "\n"
