@@ -41,12 +41,25 @@ def _config(args: argparse.Namespace) -> tuple[MainCf, settings.Settings]:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", dest="config_dir", default="/etc/postfix",
-                        help="Postfix configuration directory (default: /etc/postfix)")
-    parser.add_argument("-o", dest="override", action="append", default=[],
-                        metavar="NAME=VALUE", help="override a main.cf parameter")
-    parser.add_argument("--config", help="pyproxymap TOML settings file "
-                        "(default: pyproxymap.toml in the configuration directory)")
+    parser.add_argument(
+        "-c",
+        dest="config_dir",
+        default="/etc/postfix",
+        help="Postfix configuration directory (default: /etc/postfix)",
+    )
+    parser.add_argument(
+        "-o",
+        dest="override",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a main.cf parameter",
+    )
+    parser.add_argument(
+        "--config",
+        help="pyproxymap TOML settings file "
+        "(default: pyproxymap.toml in the configuration directory)",
+    )
     settings.add_arguments(parser)
 
 
@@ -100,7 +113,7 @@ async def _serve(maincf: MainCf, conf: settings.Settings) -> None:
 # -- query ----------------------------------------------------------------------------
 def _table_name(table: str) -> str:
     while table.startswith("proxy:"):
-        table = table[len("proxy:"):]
+        table = table[len("proxy:") :]
     return table
 
 
@@ -153,23 +166,36 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the proxymap and proxywrite services (foreground)")
     _add_config_options(serve)
-    serve.add_argument("--demo", action="store_true",
-                       help="serve a built-in demo config with its own sockets in a temp dir")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve a built-in demo config with its own sockets in a temp dir",
+    )
     serve.set_defaults(func=cmd_serve)
 
-    query = sub.add_parser("query", help="look keys up through the running server, "
-                           "like postmap -q (exit 0 found, 1 not found, 2 error)")
+    query = sub.add_parser(
+        "query",
+        help="look keys up through the running server, "
+        "like postmap -q (exit 0 found, 1 not found, 2 error)",
+    )
     _add_config_options(query)
     query.add_argument("-w", "--write", action="store_true", help="ask the proxywrite service")
     query.add_argument("table", metavar="TABLE", help="[proxy:]type:name")
     query.add_argument("keys", metavar="KEY", nargs="+")
     query.set_defaults(func=cmd_query)
 
-    check = sub.add_parser("check", help="say whether tables are approved for the proxymap "
-                           "(read) and proxywrite (write) services, and how to approve them")
+    check = sub.add_parser(
+        "check",
+        help="say whether tables are approved for the proxymap "
+        "(read) and proxywrite (write) services, and how to approve them",
+    )
     _add_config_options(check)
-    check.add_argument("-w", "--write", action="store_true",
-                       help="exit non-zero unless approved for write (default: for read)")
+    check.add_argument(
+        "-w",
+        "--write",
+        action="store_true",
+        help="exit non-zero unless approved for write (default: for read)",
+    )
     check.add_argument("tables", metavar="TABLE", nargs="+", help="[proxy:]type:name")
     check.set_defaults(func=cmd_check)
 

@@ -126,7 +126,10 @@ class Client:
         _value(UPDATE, table, reply)
 
     def delete(self, table: str, key: str | bytes, flags: int = 0) -> bool:
-        return _value(DELETE, table, self.request(DELETE, table, flags, key=_as_bytes(key))) is not None
+        return (
+            _value(DELETE, table, self.request(DELETE, table, flags, key=_as_bytes(key)))
+            is not None
+        )
 
     def items(self, table: str, flags: int = 0) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of the table, by sequence FIRST / NEXT."""

@@ -21,8 +21,9 @@ def write_confdir(root: Path, main_cf: str) -> Path:
     """A config dir whose queue_directory is private to it (so Postfix clients given
     ``-c root`` talk to the server started on it, not to a system Postfix)."""
     (root / "q" / "private").mkdir(parents=True, exist_ok=True)
-    (root / "main.cf").write_text(f"queue_directory = {root}/q\ncompatibility_level = 3.6\n"
-                                  + main_cf)
+    (root / "main.cf").write_text(
+        f"queue_directory = {root}/q\ncompatibility_level = 3.6\n" + main_cf
+    )
     return root
 
 
@@ -53,7 +54,11 @@ class RunningServer:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyproxymap.cli", "serve", "-c", str(confdir), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
         deadline = time.time() + 20
         while not all(connectable(self.socket(s)) for s in ("proxymap", "proxywrite")):
             if self.proc.poll() is not None or time.time() > deadline:

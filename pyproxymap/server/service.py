@@ -66,9 +66,7 @@ class Service:
             name = name[len(PROXY_PREFIX) :]
         op = req.op
         if op in (UPDATE, DELETE) and not self.writer:
-            self.log.warning(
-                "refusing %s %s request on non-proxywrite service", name, op
-            )
+            self.log.warning("refusing %s %s request on non-proxywrite service", name, op)
             return encode_reply(op, req.dialect, Status.DENY)
         if ":" not in name:
             self.log.warning("%s request: table name without type: %r", op, name)
@@ -82,8 +80,9 @@ class Service:
             return encode_reply(op, req.dialect, Status.BAD)
         if req.flags & OPEN_LOCK and req.flags & LOCK:
             # Postfix's dict_open panics on this combination; no real client sends it.
-            self.log.warning("%s request for %s with both open lock and access lock flags",
-                             op, name)
+            self.log.warning(
+                "%s request for %s with both open lock and access lock flags", op, name
+            )
             return encode_reply(op, req.dialect, Status.BAD)
         table = self.tables.get(name, req.instance_flags)
         if isinstance(table, Table):
@@ -125,7 +124,9 @@ class Service:
     @staticmethod
     def _fold(key: bytes, flags: int, table: Table) -> bytes:
         """Fold the key when the request asks and the table kind matches, as Postfix does."""
-        if (flags & FOLD_FIX and table.flags & FIXED) or (flags & FOLD_MUL and table.flags & PATTERN):
+        if (flags & FOLD_FIX and table.flags & FIXED) or (
+            flags & FOLD_MUL and table.flags & PATTERN
+        ):
             return table.ctx.fold(key)
         return key
 

@@ -27,8 +27,8 @@ from .service import Service
 
 class Session(asyncio.Protocol):
     __slots__ = (
-        "_decoder",
         "_deadline",
+        "_decoder",
         "_log",
         "_max_pipelined",
         "_paused_reading",
@@ -149,7 +149,8 @@ class Session(asyncio.Protocol):
             return e.reply
         for name in request.extra:
             self._log.warning(
-                "unexpected attribute %s in %s request (ignored)", name.decode(errors="replace"),
+                "unexpected attribute %s in %s request (ignored)",
+                name.decode(errors="replace"),
                 request.op,
             )
         return self._service.handle(request)

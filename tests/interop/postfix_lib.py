@@ -48,8 +48,9 @@ def main(confdir: str, table: str, op: str, *args: str) -> None:
     args = tuple(a for a in args if a != "--write")
     util = load(confdir)
     mode = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
-    util.dict_register(b"t", util.dict_open3(b"proxy", table.encode(), mode,
-                                             WRITE_FLAGS if write else READ_FLAGS))
+    util.dict_register(
+        b"t", util.dict_open3(b"proxy", table.encode(), mode, WRITE_FLAGS if write else READ_FLAGS)
+    )
 
     def failed() -> str:
         return DICT_ERRORS.get(util.dict_error(b"t"), "error")

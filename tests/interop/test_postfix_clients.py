@@ -30,9 +30,20 @@ MixedCase@Example.COM mixed-case-key
 utf8-ключ@example.com значение-utf8
 empty@example.com
 """
-KEYS = ["alice@example.com", "ALICE@Example.COM", "bob@example.com", "carol@example.com",
-        "mixedcase@example.com", "MIXEDCASE@EXAMPLE.COM", "utf8-ключ@example.com",
-        "UTF8-КЛЮЧ@example.com", "empty@example.com", "nobody@example.com", "# comment", ""]
+KEYS = [
+    "alice@example.com",
+    "ALICE@Example.COM",
+    "bob@example.com",
+    "carol@example.com",
+    "mixedcase@example.com",
+    "MIXEDCASE@EXAMPLE.COM",
+    "utf8-ключ@example.com",
+    "UTF8-КЛЮЧ@example.com",
+    "empty@example.com",
+    "nobody@example.com",
+    "# comment",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +51,15 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("interop")
     (root / "t").write_text(SOURCE)
     backdate(root / "t")
-    conf = write_confdir(root, f"""\
+    conf = write_confdir(
+        root,
+        f"""\
 my_tables = proxy:texthash:{root}/t
 \tproxy:{INLINE}
 proxy_read_maps = $my_tables proxy:static:hello proxy:texthash:{root}/missing
 proxy_write_maps = proxy:texthash:{root}/t
-""")
+""",
+    )
     return conf
 
 
@@ -64,8 +78,19 @@ def postmap(*args: str) -> tuple[int, str, str]:
 
 
 def libpostfix(conf: Path, table: str, op: str, *args: str) -> list[dict] | str:
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("postfix_lib.py")),
-                        str(conf), table, op, *args], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("postfix_lib.py")),
+            str(conf),
+            table,
+            op,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if r.returncode != 0:
         return "fatal: " + r.stderr.strip()
     return [json.loads(line) for line in r.stdout.splitlines()]
@@ -89,14 +114,18 @@ def test_expected_answers(setup, server):
 
 
 def test_unapproved_table_is_fatal_for_the_client_with_postfix_hint(setup, server):
-    rc, out, err = postmap("-c", str(setup), "-q", "a", f"proxy:texthash:{setup}/other")
+    rc, _out, err = postmap("-c", str(setup), "-q", "a", f"proxy:texthash:{setup}/other")
     assert rc == 1 and f'is not configured for table "texthash:{setup}/other"' in err
-    rc, out, err = postmap("-c", str(setup), "-q", "a", "proxy:inline:{a=1,{ b = text, with comma }}")
+    rc, _out, err = postmap(
+        "-c", str(setup), "-q", "a", "proxy:inline:{a=1,{ b = text, with comma }}"
+    )
     assert rc == 1 and "not configured" in err  # approval is byte-exact, spacing included
     log = server.log()
     assert f'request for unapproved table: "texthash:{setup}/other"' in log
-    assert (f"to approve this table for read-only access, list proxy:texthash:{setup}/other "
-            "in main.cf:proxy_read_maps") in log
+    assert (
+        f"to approve this table for read-only access, list proxy:texthash:{setup}/other "
+        "in main.cf:proxy_read_maps"
+    ) in log
 
 
 def test_missing_file_is_a_temporary_error_not_a_miss(setup, server):
@@ -109,7 +138,10 @@ def test_postfix_client_library_get_and_sequence(setup, server):
     table = f"texthash:{setup}/t"
     got = libpostfix(setup, table, "get", "bob@example.com", "nobody", "UTF8-КЛЮЧ@example.com")
     assert [(r["status"], r.get("value")) for r in got] == [
-        ("found", "bob value with  spaces"), ("notfound", None), ("found", "значение-utf8")]
+        ("found", "bob value with  spaces"),
+        ("notfound", None),
+        ("found", "значение-utf8"),
+    ]
     seq = libpostfix(setup, table, "seq")
     assert seq[-1] == {"op": "seq-end", "status": "notfound"}
     assert {r["key"]: r["value"] for r in seq[:-1]}["carol@example.com"] == "first  continued"
@@ -119,18 +151,27 @@ def test_postfix_client_library_get_and_sequence(setup, server):
 def test_postfix_client_library_writes_go_to_proxywrite(setup, server):
     table = f"texthash:{setup}/t"
     # texthash cannot be opened for writing: unavailable (RETRY) as with Postfix, no crash
-    assert libpostfix(setup, table, "put", "k", "v") == [{"op": "put", "key": "k", "status": "retry"}]
+    assert libpostfix(setup, table, "put", "k", "v") == [
+        {"op": "put", "key": "k", "status": "retry"}
+    ]
     assert libpostfix(setup, table, "del", "k") == [{"op": "del", "key": "k", "status": "retry"}]
     # a table not in proxy_write_maps is refused: fatal for the client, as with Postfix
     res = libpostfix(setup, "static:hello", "put", "k", "v")
-    assert isinstance(res, str) and 'proxywrite service is not configured for table "static:hello"' in res
+    assert (
+        isinstance(res, str)
+        and 'proxywrite service is not configured for table "static:hello"' in res
+    )
     assert libpostfix(setup, table, "get", "alice@example.com")[0]["value"] == "alice-value"
 
 
 def test_query_and_check_commands(setup, server):
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pyproxymap.cli", *args],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "pyproxymap.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     t = f"texthash:{setup}/t"
     r = cli("query", "-c", str(setup), t, "ALICE@example.com")
@@ -138,8 +179,10 @@ def test_query_and_check_commands(setup, server):
     r = cli("query", "-c", str(setup), f"proxy:{t}", "nobody")
     assert (r.returncode, r.stdout) == (1, "")
     r = cli("query", "-c", str(setup), t, "alice@example.com", "nobody", "bob@example.com")
-    assert (r.returncode, r.stdout) == (0, "alice@example.com\talice-value\n"
-                                           "bob@example.com\tbob value with  spaces\n")
+    assert (r.returncode, r.stdout) == (
+        0,
+        "alice@example.com\talice-value\nbob@example.com\tbob value with  spaces\n",
+    )
     r = cli("query", "-c", str(setup), f"texthash:{setup}/missing", "a")
     assert r.returncode == 2 and "RETRY" in r.stderr
     r = cli("query", "-c", str(setup), f"texthash:{setup}/other", "a")

@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_in_process_server_with_sync_and_async_clients(tmp_path):
     (tmp_path / "t").write_text("alice@example.com alice-value\nbob@example.com bob-value\n")
-    conf = write_confdir(tmp_path, f"proxy_read_maps = proxy:texthash:{tmp_path}/t\n"
-                                   "proxy_write_maps = proxy:static:w\n")
+    conf = write_confdir(
+        tmp_path,
+        f"proxy_read_maps = proxy:texthash:{tmp_path}/t\nproxy_write_maps = proxy:static:w\n",
+    )
     table = f"texthash:{tmp_path}/t"
 
     async def go():
@@ -44,8 +46,10 @@ def test_in_process_server_with_sync_and_async_clients(tmp_path):
             def sync_side():
                 with Client(path) as c:
                     assert c.lookup(table, "bob@example.com") == b"bob-value"
-                    assert sorted(c.items(table)) == [(b"alice@example.com", b"alice-value"),
-                                                      (b"bob@example.com", b"bob-value")]
+                    assert sorted(c.items(table)) == [
+                        (b"alice@example.com", b"alice-value"),
+                        (b"bob@example.com", b"bob-value"),
+                    ]
                 with Client(path, dialect=NEW_DIALECT) as c:
                     reply = c.request("lookup", table, key=b"bob@example.com")
                     assert (reply.status, reply.value) == (0, b"bob-value")
@@ -55,6 +59,7 @@ def test_in_process_server_with_sync_and_async_clients(tmp_path):
                     assert e.value.status == Status.CONFIG  # static has no delete
 
             await asyncio.to_thread(sync_side)
+
     asyncio.run(go())
 
 
@@ -74,13 +79,18 @@ def test_settings_come_from_toml_and_the_command_line(tmp_path):
 
 def test_every_setting_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for name, _, default, _ in settings.definitions():
+    for name, _, _default, _ in settings.definitions():
         assert f"| `{name}` |" in readme, name
 
 
 def test_demo_serves_its_tables_with_no_postfix_config(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pyproxymap.cli", "serve", "--demo"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyproxymap.cli", "serve", "--demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         first = proc.stdout.readline()
         root = Path(re.search(r"config dir (\S+)", first).group(1))
@@ -89,14 +99,34 @@ def test_demo_serves_its_tables_with_no_postfix_config(tmp_path):
         while not sock.exists() and time.time() < deadline:
             time.sleep(0.05)
         query = [sys.executable, "-m", "pyproxymap.cli", "query", "-c", str(root)]
-        r = subprocess.run([*query, f"texthash:{root}/virtual", "Sales@Example.com"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            [*query, f"texthash:{root}/virtual", "Sales@Example.com"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert (r.returncode, r.stdout) == (0, "carol@mail.example.net\n"), r.stderr
-        r = subprocess.run([*query, "inline:{postmaster=root, abuse=security-team}", "abuse"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            [*query, "inline:{postmaster=root, abuse=security-team}", "abuse"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert (r.returncode, r.stdout) == (0, "security-team\n"), r.stderr
-        r = subprocess.run([sys.executable, "-m", "pyproxymap.cli", "check", "-c", str(root),
-                            f"texthash:{root}/access"], capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pyproxymap.cli",
+                "check",
+                "-c",
+                str(root),
+                f"texthash:{root}/access",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert r.returncode == 1 and "proxy_read_maps" in r.stdout
     finally:
         proc.terminate()

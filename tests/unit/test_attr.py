@@ -24,10 +24,22 @@ def test_any_split_of_any_records_decodes_to_the_same_records(recs, data):
 
 
 def test_the_worked_example_from_postfix_decodes():
-    wire = (b"request\x00lookup\x00table\x00hash:/tmp/pmref/hash\x00flags\x00524353\x00"
-            b"key\x00alice@example.com\x00\x00")
-    assert Decoder().feed(wire) == [[b"request", b"lookup", b"table", b"hash:/tmp/pmref/hash",
-                                     b"flags", b"524353", b"key", b"alice@example.com"]]
+    wire = (
+        b"request\x00lookup\x00table\x00hash:/tmp/pmref/hash\x00flags\x00524353\x00"
+        b"key\x00alice@example.com\x00\x00"
+    )
+    assert Decoder().feed(wire) == [
+        [
+            b"request",
+            b"lookup",
+            b"table",
+            b"hash:/tmp/pmref/hash",
+            b"flags",
+            b"524353",
+            b"key",
+            b"alice@example.com",
+        ]
+    ]
 
 
 def test_empty_value_and_empty_record():
@@ -43,12 +55,15 @@ def test_incomplete_record_is_pending():
     assert d.pending == 0
 
 
-@pytest.mark.parametrize("stream", [
-    b"\xff" * 70000 + b"\x00\x00",  # an oversized name, complete
-    b"\xff" * 70000,  # an oversized name, still arriving
-    b"key\x00" + b"v" * 300,  # an oversized value, still arriving
-    b"".join(b"a\x00b\x00" for _ in range(9)) + b"\x00",  # too many attributes
-])
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"\xff" * 70000 + b"\x00\x00",  # an oversized name, complete
+        b"\xff" * 70000,  # an oversized name, still arriving
+        b"key\x00" + b"v" * 300,  # an oversized value, still arriving
+        b"".join(b"a\x00b\x00" for _ in range(9)) + b"\x00",  # too many attributes
+    ],
+)
 def test_limits_are_enforced_as_soon_as_they_are_exceeded(stream):
     with pytest.raises(AttrError):
         Decoder(Limits(max_name_length=64, max_value_length=200, max_attributes=8)).feed(stream)
@@ -67,17 +82,29 @@ def test_encode_integers_as_postfix_unsigned():
         encode([("key", b"a\x00b")])
 
 
-@pytest.mark.parametrize("text,value", [
-    (b"0", 0), (b"524353", 524353), (b" 0", 0), (b"\t\n7", 7), (b"+5", 5),
-    (b"-1", 0xFFFFFFFF), (b"-0", 0), (b"4294967296", 0), (b"4294967297", 1),
-    (b"99999999999999999999999", 0xFFFFFFFF), (b"-4294967296", 0),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        (b"0", 0),
+        (b"524353", 524353),
+        (b" 0", 0),
+        (b"\t\n7", 7),
+        (b"+5", 5),
+        (b"-1", 0xFFFFFFFF),
+        (b"-0", 0),
+        (b"4294967296", 0),
+        (b"4294967297", 1),
+        (b"99999999999999999999999", 0xFFFFFFFF),
+        (b"-4294967296", 0),
+    ],
+)
 def test_parse_uint_accepts_what_sscanf_u_accepts(text, value):
     assert parse_uint(text) == value
 
 
-@pytest.mark.parametrize("text", [b"", b" ", b"0x10", b"abc", b"1 ", b"1x", b"--1", b"+",
-                                  b"\xd9\xa1", b"1.0"])
+@pytest.mark.parametrize(
+    "text", [b"", b" ", b"0x10", b"abc", b"1 ", b"1x", b"--1", b"+", b"\xd9\xa1", b"1.0"]
+)
 def test_parse_uint_rejects_what_postfix_calls_malformed(text):
     assert parse_uint(text) is None
 

@@ -41,6 +41,7 @@ def test_first_lookup_opens_then_answers_at_once():
         assert await first == b"status\x000\x00value\x00x\x00\x00"
         second = svc.handle(lookup("static:x", b"k"))
         assert second == b"status\x000\x00value\x00x\x00\x00"  # ready: no task, no await
+
     run(go())
 
 
@@ -48,6 +49,7 @@ def test_unknown_type_is_retry_like_postfix_surrogate():
     async def go():
         svc = service("nosuchtype:x")
         assert await ask(svc, lookup("nosuchtype:x", b"k")) == b"status\x002\x00value\x00\x00\x00"
+
     run(go())
 
 
@@ -82,6 +84,7 @@ def test_failures_are_never_nokey():
         # operations the type does not have: CONFIG, not a crash
         req = Request(SEQUENCE, "flaky:x", OLD_DIALECT, 0, 0, function=0)
         assert await ask(svc, req) == b"status\x005\x00key\x00\x00value\x00\x00\x00"
+
     run(go())
 
 
@@ -90,6 +93,7 @@ def test_writes_on_the_read_only_service_are_denied():
         svc = service("static:x")
         req = Request(UPDATE, "static:x", OLD_DIALECT, 0, 0, b"k", b"v")
         assert await ask(svc, req) == b"status\x004\x00\x00"
+
     run(go())
 
 
@@ -111,4 +115,5 @@ def test_concurrent_first_requests_share_one_open():
         replies = await asyncio.gather(*(ask(svc, lookup("counting:x", b"k")) for _ in range(20)))
         assert set(replies) == {b"status\x000\x00value\x00v\x00\x00"}
         assert opened == ["counting:x"]
+
     run(go())
