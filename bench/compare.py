@@ -98,10 +98,7 @@ def write_table(path: Path, nkeys: int) -> None:
 # ---------------------------------------------------------------- Postfix
 @contextmanager
 def throwaway_postfix(top: Path, table_path: Path) -> Iterator[Target]:
-    """A private Postfix instance (own config, queue, data dirs and master).
-
-    Recipe: shared/reference/master-protocol.md section 5.
-    """
+    """A private Postfix instance (own config, queue, data dirs and master)."""
     etc, spool, data = top / "etc", top / "spool", top / "data"
     etc.mkdir(parents=True)
     spool.mkdir(mode=0o755)  # must exist; data/ must not (postfix check creates it)

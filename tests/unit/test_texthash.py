@@ -23,7 +23,7 @@ from pyproxymap.tables.texthash import TexthashTable
 from pyproxymap.wire.proxymap import FIXED, SEQ_FIRST, SEQ_NEXT, SRC_RHS_IS_FILE
 from tests.conftest import backdate, write_confdir
 
-POSTFIX_TESTS = Path("/work/shared/reference/postfix-tests")
+POSTFIX_TESTS = Path(__file__).resolve().parents[1] / "data" / "postfix"
 needs_postfix_tests = pytest.mark.skipif(
     not POSTFIX_TESTS.is_dir(), reason="Postfix regression data not present"
 )
