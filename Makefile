@@ -4,7 +4,7 @@
 .PHONY: demo test lint bench
 
 demo:
-	@scripts/venv.sh all
+	@scripts/venv.sh speed
 	.venv/bin/pyproxymap serve --demo
 
 test:

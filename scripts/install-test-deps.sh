@@ -7,9 +7,11 @@ set -eu
 cd "$(dirname "$0")/.."
 
 need=""
-for p in postfix postfix-lmdb postfix-cdb postfix-pcre python3-venv; do
+for p in postfix postfix-lmdb postfix-cdb postfix-pcre libdb5.3-dev; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"
 done
+# Debian's own python3 needs python3-venv for "python3 -m venv"; other builds have it.
+python3 -c "import ensurepip" 2>/dev/null || need="$need python3-venv"
 if [ -n "$need" ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     # "No configuration": install the programs without configuring or starting a system
@@ -19,4 +21,4 @@ if [ -n "$need" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need
 fi
 
-scripts/venv.sh test
+scripts/venv.sh all,test
