@@ -23,6 +23,17 @@ BUILTIN: dict[str, str] = {
     "texthash": "pyproxymap.tables.texthash:TexthashTable",
     "inline": "pyproxymap.tables.inline:InlineTable",
     "static": "pyproxymap.tables.static:StaticTable",
+    "hash": "pyproxymap.tables.bdb:BerkeleyHashTable",
+    "btree": "pyproxymap.tables.bdb:BerkeleyBtreeTable",
+    "lmdb": "pyproxymap.tables.lmdb:LmdbTable",
+    "cdb": "pyproxymap.tables.cdb:CdbTable",
+    "cidr": "pyproxymap.tables.cidr:CidrTable",
+    "unix": "pyproxymap.tables.unix:UnixTable",
+    "environ": "pyproxymap.tables.environ:EnvironTable",
+    "fail": "pyproxymap.tables.fail:FailTable",
+    "randmap": "pyproxymap.tables.randmap:RandmapTable",
+    "unionmap": "pyproxymap.tables.unionmap:UnionmapTable",
+    "pipemap": "pyproxymap.tables.pipemap:PipemapTable",
 }
 
 
