@@ -24,7 +24,8 @@ from typing import ClassVar
 
 from ..wire.proxymap import SEQ_FIRST
 from .base import OpenContext, TableConfigError, TableRetry
-from .indexed import FileLock, LockedTable, c_string, file_identity
+from .indexed import FileLock, LockedTable, c_string
+from .source import file_identity
 
 try:
     from berkeleydb import db

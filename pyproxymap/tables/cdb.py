@@ -24,8 +24,8 @@ import struct
 import time
 
 from .base import OpenContext, TableConfigError, TableRetry
-from .indexed import IndexedTable, file_identity
-from .source import printable, read_fd
+from .indexed import IndexedTable
+from .source import file_identity, printable, read_fd
 
 HEADER = 2048  # 256 (position, slot count) pairs, one hash table each
 _PAIR = struct.Struct("<II")

@@ -32,7 +32,7 @@ from typing import ClassVar, Literal, TypeVar
 
 from ..wire.proxymap import TRY0NULL, TRY1NULL
 from .base import Maybe, OpenContext, Table, TableRetry
-from .source import printable, utf8_enabled
+from .source import Identity, file_identity, printable, utf8_enabled
 
 _T = TypeVar("_T")
 
@@ -40,13 +40,6 @@ _T = TypeVar("_T")
 LOCK_WAIT = 30.0
 #: Seconds between attempts to take a lock that a writer holds.
 LOCK_POLL = 0.005
-
-Identity = tuple[int, int, int, int]
-
-
-def file_identity(st: os.stat_result) -> Identity:
-    """What tells that a file was replaced or rewritten."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def c_string(data: bytes) -> bytes:

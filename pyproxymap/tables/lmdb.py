@@ -21,7 +21,8 @@ import threading
 
 from ..wire.proxymap import FIXED, MULTI_WRITER, SEQ_FIRST
 from .base import OpenContext, TableConfigError, TableRetry
-from .indexed import FileLock, LockedTable, c_string, file_identity
+from .indexed import FileLock, LockedTable, c_string
+from .source import file_identity
 
 try:
     import lmdb

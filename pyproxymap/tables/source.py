@@ -30,6 +30,15 @@ class SourceError(ValueError):
     """Bad source text or an unreadable file it names; the message is Postfix's wording."""
 
 
+#: What tells that a file was replaced or rewritten: (device, inode, size, mtime).
+Identity = tuple[int, int, int, int]
+
+
+def file_identity(st: os.stat_result) -> Identity:
+    """The identity of a stat result, compared by tables' ``changed()``."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def utf8_enabled(ctx: OpenContext) -> bool:
     """Whether this server runs with smtputf8_enable=yes (Postfix's util_utf8_enable).
 

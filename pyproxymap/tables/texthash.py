@@ -10,6 +10,7 @@ from ..wire.proxymap import SEQ_FIRST, SEQ_NEXT, SRC_RHS_IS_FILE
 from .base import OpenContext, Table, TableConfigError, TableRetry
 from .source import (
     SourceError,
+    file_identity,
     logical_lines,
     printable,
     read_fd,
@@ -60,7 +61,7 @@ class TexthashTable(HashTable):
         self.path = ctx.name
         self._utf8 = utf8_enabled(ctx)
         data, st = self._read_when_cool()
-        self._identity = _identity(st)
+        self._identity = file_identity(st)
         self._load(data)
 
     def _read_when_cool(self) -> tuple[bytes, os.stat_result]:
@@ -125,11 +126,6 @@ class TexthashTable(HashTable):
 
     def changed(self) -> bool:
         try:
-            return _identity(os.stat(self.path)) != self._identity
+            return file_identity(os.stat(self.path)) != self._identity
         except OSError:
             return True
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What tells that a file was replaced or rewritten."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
