@@ -45,7 +45,8 @@ class ProxymapServer:
         self._watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        fold = utf8_fold if self.maincf.get_bool("smtputf8_enable") else ascii_fold
+        utf8 = self.maincf.get_bool("smtputf8_enable")
+        fold = utf8_fold if utf8 else ascii_fold
         owner = self.maincf.get("mail_owner")
         try:
             for service_name in self.settings.service_names:
@@ -54,7 +55,8 @@ class ProxymapServer:
                 tables = TableCache(
                     writable=writer, fold=fold, log=log, reopen_delay=self.settings.reopen_delay
                 )
-                service = Service(build_allowlist(self.maincf, writer, log), tables, log)
+                allowlist = build_allowlist(self.maincf, writer, log)
+                service = Service(allowlist, tables, log, utf8=utf8)
                 path = socket_path(self.maincf, self.settings, service_name)
                 server = await listen_unix(
                     path, lambda s=service, lg=log: self._session(s, lg), owner=owner

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config.allowlist import AllowList
 from ..tables.base import Table, TableConfigError, TableRetry, Unsupported
+from ..tables.source import printable, valid_utf8
 from ..wire.proxymap import (
     DELETE,
     FIXED,
@@ -39,6 +40,7 @@ from ..wire.proxymap import (
     SEQ_NEXT,
     SEQUENCE,
     UPDATE,
+    UTF8_REQUEST,
     Request,
     Status,
     encode_reply,
@@ -46,16 +48,20 @@ from ..wire.proxymap import (
 from .tablecache import TableCache, TableUnavailable
 
 PROXY_PREFIX = "proxy:"
+NON_UTF8 = "malformed UTF-8 or invalid codepoint"
 Reply = bytes | Awaitable[bytes]
 
 
 class Service:
     """One proxymap-protocol service (the read-only proxymap, or proxywrite)."""
 
-    def __init__(self, allowlist: AllowList, tables: TableCache, log: logging.Logger) -> None:
+    def __init__(
+        self, allowlist: AllowList, tables: TableCache, log: logging.Logger, *, utf8: bool = True
+    ) -> None:
         self.allowlist = allowlist
         self.tables = tables
         self.log = log
+        self.utf8 = utf8  # smtputf8_enable: Postfix's dict_utf8 layer wraps every table
         self.writer = allowlist.writer
         self.name = "proxywrite" if self.writer else "proxymap"
 
@@ -97,6 +103,14 @@ class Service:
         op = req.op
         if op == OPEN:
             return encode_reply(op, req.dialect, Status.OK, req.instance_flags | table.flags)
+        if op == LOOKUP and self._not_utf8(req, req.key):
+            self.log.warning(
+                '%s: non-UTF-8 key "%s": %s',
+                printable(table.ctx.spec),
+                printable(req.key),
+                NON_UTF8,
+            )
+            return encode_reply(op, req.dialect, Status.NOKEY, req.flags)
         try:
             if op == LOOKUP:
                 result: Any = table.lookup(self._fold(req.key, req.flags, table), req.flags)
@@ -130,12 +144,26 @@ class Service:
             return table.ctx.fold(key)
         return key
 
-    @staticmethod
-    def _succeeded(req: Request, result: Any) -> bytes:
+    def _not_utf8(self, req: Request, text: bytes) -> bool:
+        """Postfix's dict_utf8 layer: with smtputf8_enable=yes and a UTF8_REQUEST
+        request, keys and values must be valid UTF-8."""
+        return (
+            self.utf8 and req.flags & UTF8_REQUEST and not text.isascii() and not valid_utf8(text)
+        )
+
+    def _succeeded(self, req: Request, result: Any) -> bytes:
         op, dialect, flags = req.op, req.dialect, req.flags
         if op == LOOKUP:
             if result is None:
                 return encode_reply(op, dialect, Status.NOKEY, flags)
+            if self._not_utf8(req, result):
+                return self._failed(
+                    req,
+                    TableConfigError(
+                        f'{req.table}: key "{printable(req.key)}": non-UTF-8 value '
+                        f'"{printable(result)}": {NON_UTF8}'
+                    ),
+                )
             return encode_reply(op, dialect, Status.OK, flags, value=result)
         if op == SEQUENCE:
             if result is None:
