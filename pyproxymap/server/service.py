@@ -28,14 +28,10 @@ from ..tables.base import Table, TableConfigError, TableRetry, Unsupported
 from ..tables.source import printable, valid_utf8
 from ..wire.proxymap import (
     DELETE,
-    FIXED,
-    FOLD_FIX,
-    FOLD_MUL,
     LOCK,
     LOOKUP,
     OPEN,
     OPEN_LOCK,
-    PATTERN,
     SEQ_FIRST,
     SEQ_NEXT,
     SEQUENCE,
@@ -113,13 +109,13 @@ class Service:
             return encode_reply(op, req.dialect, Status.NOKEY, req.flags)
         try:
             if op == LOOKUP:
-                result: Any = table.lookup(self._fold(req.key, req.flags, table), req.flags)
+                result: Any = table.lookup(table.folded(req.key, req.flags), req.flags)
             elif op == SEQUENCE:
                 result = table.sequence(req.function, req.flags)
             elif op == UPDATE:
-                result = table.update(self._fold(req.key, req.flags, table), req.value, req.flags)
+                result = table.update(table.folded(req.key, req.flags), req.value, req.flags)
             else:
-                result = table.delete(self._fold(req.key, req.flags, table), req.flags)
+                result = table.delete(table.folded(req.key, req.flags), req.flags)
         except Exception as e:
             return self._failed(req, e)
         if isawaitable(result):
@@ -134,15 +130,6 @@ class Service:
         except Exception as e:
             return self._failed(req, e)
         return self._succeeded(req, result)
-
-    @staticmethod
-    def _fold(key: bytes, flags: int, table: Table) -> bytes:
-        """Fold the key when the request asks and the table kind matches, as Postfix does."""
-        if (flags & FOLD_FIX and table.flags & FIXED) or (
-            flags & FOLD_MUL and table.flags & PATTERN
-        ):
-            return table.ctx.fold(key)
-        return key
 
     def _not_utf8(self, req: Request, text: bytes) -> bool:
         """Postfix's dict_utf8 layer: with smtputf8_enable=yes and a UTF8_REQUEST

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-from ..wire.proxymap import FIXED
+from ..wire.proxymap import FIXED, FOLD_FIX, FOLD_MUL, PATTERN
 
 _T = TypeVar("_T")
 #: A result that is either ready or still to come.
@@ -96,6 +96,13 @@ class Table:
     def __init__(self, ctx: OpenContext) -> None:
         self.ctx = ctx
         self.flags = ctx.instance_flags | self.impl_flags
+
+    def folded(self, key: bytes, flags: int) -> bytes:
+        """The key as Postfix folds it for this table: when the request asks (FOLD_FIX
+        for a FIXED table, FOLD_MUL for a PATTERN table), with this server's folding."""
+        if (flags & FOLD_FIX and self.flags & FIXED) or (flags & FOLD_MUL and self.flags & PATTERN):
+            return self.ctx.fold(key)
+        return key
 
     @classmethod
     def open(cls, ctx: OpenContext) -> Table:

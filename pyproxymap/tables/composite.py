@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Generator
 from inspect import isawaitable
 
-from ..wire.proxymap import FIXED, FOLD_FIX, FOLD_MUL, PATTERN
+from ..wire.proxymap import FIXED, PATTERN
 from .base import Maybe, OpenContext, Table, TableConfigError
 from .source import balpar, brace_tokens, printable
 from .utf8layer import key_rejected
@@ -63,10 +63,7 @@ class ComposedTable(Table):
     @staticmethod
     def _ask(table: Table, key: bytes, flags: int) -> Maybe[bytes | None]:
         """A component's answer, the key folded as the service would fold it for that table."""
-        fixed, pattern = table.flags & FIXED, table.flags & PATTERN
-        if (flags & FOLD_FIX and fixed) or (flags & FOLD_MUL and pattern):
-            key = table.ctx.fold(key)
-        return table.lookup(key, flags)
+        return table.lookup(table.folded(key, flags), flags)
 
     def changed(self) -> bool:
         return any(table.changed() for table in self.components)
