@@ -65,15 +65,51 @@ endif
 """
 
 KEYS = [
-    "alice@example.com", "ALICE@EXAMPLE.COM", "Alice@Example.Com", "bob@example.com",
-    "mixedcase@example.com", "MIXEDCASE@EXAMPLE.COM", "utf8-ключ@example.com",
-    "UTF8-КЛЮЧ@EXAMPLE.COM", "straße@example.com", "STRASSE@example.com", "example.com",
-    "dollar@example.com", "long" + "x" * 400, "LONG" + "X" * 400, "long" + "x" * 5000, "nobody@example.com",
-    "nested-one", "nested-x", "nx", "joe+ext@example.org", "UPPERCASE", "uppercase",
-    "12345", "abc", "a\nc", "10.0.0.1", "10.0.0.2", "192.168.7.9", "192.168.1.1",
-    "2001:db8::1", "2001:DB8:0:0:0:0:0:1", "2001:db9::1", "::ffff:10.1.2.3", "10.1.2.3",
-    "172.16.5.1", "172.16.6.1", "8.8.8.8", "[10.0.0.1]", "root", "nosuchuser", "-",
-    "# comment", "a b", "%", "$1",
+    "alice@example.com",
+    "ALICE@EXAMPLE.COM",
+    "Alice@Example.Com",
+    "bob@example.com",
+    "mixedcase@example.com",
+    "MIXEDCASE@EXAMPLE.COM",
+    "utf8-ключ@example.com",
+    "UTF8-КЛЮЧ@EXAMPLE.COM",
+    "straße@example.com",
+    "STRASSE@example.com",
+    "example.com",
+    "dollar@example.com",
+    "long" + "x" * 400,
+    "LONG" + "X" * 400,
+    "long" + "x" * 5000,
+    "nobody@example.com",
+    "nested-one",
+    "nested-x",
+    "nx",
+    "joe+ext@example.org",
+    "UPPERCASE",
+    "uppercase",
+    "12345",
+    "abc",
+    "a\nc",
+    "10.0.0.1",
+    "10.0.0.2",
+    "192.168.7.9",
+    "192.168.1.1",
+    "2001:db8::1",
+    "2001:DB8:0:0:0:0:0:1",
+    "2001:db9::1",
+    "::ffff:10.1.2.3",
+    "10.1.2.3",
+    "172.16.5.1",
+    "172.16.6.1",
+    "8.8.8.8",
+    "[10.0.0.1]",
+    "root",
+    "nosuchuser",
+    "-",
+    "# comment",
+    "a b",
+    "%",
+    "$1",
 ]
 
 
@@ -119,16 +155,35 @@ def conformance(tmp_path_factory):
 
 
 def postmap_batch(args: list[str], keys: list[str]) -> tuple[int, str, str]:
-    r = subprocess.run(["postmap", *args], input="\n".join(keys) + "\n", capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["postmap", *args], input="\n".join(keys) + "\n", capture_output=True, text=True, timeout=60
+    )
     return r.returncode, r.stdout, r.stderr
 
 
 def table_specs_names() -> list[str]:
     # the same list as table_specs(), without writing files: for test ids
-    return ["texthash", "hash", "btree", "lmdb", "cdb", "regexp", "pcre", "cidr", "inline",
-            "static", "static{}", "regexp{}", "pcre{}", "cidr{}", "unix:passwd", "unix:group",
-            "randmap", "unionmap", "pipemap"]
+    return [
+        "texthash",
+        "hash",
+        "btree",
+        "lmdb",
+        "cdb",
+        "regexp",
+        "pcre",
+        "cidr",
+        "inline",
+        "static",
+        "static{}",
+        "regexp{}",
+        "pcre{}",
+        "cidr{}",
+        "unix:passwd",
+        "unix:group",
+        "randmap",
+        "unionmap",
+        "pipemap",
+    ]
 
 
 @pytest.mark.parametrize("index", range(len(table_specs_names())), ids=table_specs_names())
@@ -145,9 +200,15 @@ def test_single_key_exit_statuses(conformance):
     conf, specs, server = conformance
     for spec in specs[:8]:
         for key in ("alice@example.com", "nobody@example.com", "10.0.0.1"):
-            direct = subprocess.run(["postmap", "-c", str(conf), "-q", key, spec],
-                                    capture_output=True, text=True)
-            proxied = subprocess.run(["postmap", "-c", str(conf), "-q", key, f"proxy:{spec}"],
-                                     capture_output=True, text=True)
+            direct = subprocess.run(
+                ["postmap", "-c", str(conf), "-q", key, spec], capture_output=True, text=True
+            )
+            proxied = subprocess.run(
+                ["postmap", "-c", str(conf), "-q", key, f"proxy:{spec}"],
+                capture_output=True,
+                text=True,
+            )
             assert (proxied.returncode, proxied.stdout) == (direct.returncode, direct.stdout), (
-                spec, key)
+                spec,
+                key,
+            )
