@@ -188,7 +188,7 @@ def table_specs_names() -> list[str]:
 
 @pytest.mark.parametrize("index", range(len(table_specs_names())), ids=table_specs_names())
 def test_proxied_answers_equal_direct_answers(conformance, index):
-    conf, specs, server = conformance
+    conf, specs, _server = conformance
     spec = specs[index]
     direct = postmap_batch(["-c", str(conf), "-q", "-", spec], KEYS)
     proxied = postmap_batch(["-c", str(conf), "-q", "-", f"proxy:{spec}"], KEYS)
@@ -197,7 +197,7 @@ def test_proxied_answers_equal_direct_answers(conformance, index):
 
 
 def test_single_key_exit_statuses(conformance):
-    conf, specs, server = conformance
+    conf, specs, _server = conformance
     for spec in specs[:8]:
         for key in ("alice@example.com", "nobody@example.com", "10.0.0.1"):
             direct = subprocess.run(
