@@ -28,12 +28,16 @@ BUILTIN: dict[str, str] = {
     "lmdb": "pyproxymap.tables.lmdb:LmdbTable",
     "cdb": "pyproxymap.tables.cdb:CdbTable",
     "cidr": "pyproxymap.tables.cidr:CidrTable",
+    "regexp": "pyproxymap.tables.regexp:RegexpTable",
+    "pcre": "pyproxymap.tables.pcre:PcreTable",
     "unix": "pyproxymap.tables.unix:UnixTable",
     "environ": "pyproxymap.tables.environ:EnvironTable",
     "fail": "pyproxymap.tables.fail:FailTable",
     "randmap": "pyproxymap.tables.randmap:RandmapTable",
     "unionmap": "pyproxymap.tables.unionmap:UnionmapTable",
     "pipemap": "pyproxymap.tables.pipemap:PipemapTable",
+    "socketmap": "pyproxymap.tables.socketmap:SocketmapTable",
+    "tcp": "pyproxymap.tables.tcp:TcpTable",
 }
 
 
