@@ -63,6 +63,24 @@ def utf8_fold(key: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class TableOptions:
+    """Our own per-table settings: what Postfix has no word for.
+
+    Set in pyproxymap.toml, ``[table_defaults]`` for every table and
+    ``[tables."type:name"]`` for one; backend drivers read the pool and timeout
+    bounds, the server applies the cache.
+    """
+
+    max_connections: int = 4  # backend connections one table instance may hold
+    pool_wait: float = 5.0  # seconds a lookup may wait for a free connection
+    timeout: float = 10.0  # seconds a backend lookup may take (then RETRY)
+    cache_ttl: float = 0.0  # seconds a found answer is cached (0: no cache)
+    cache_negative_ttl: float = 0.0  # seconds a "not found" is cached
+    cache_size: int = 10000  # answers cached per table, at most
+    cache_stale: float = 0.0  # seconds the last good answer serves while the backend fails
+
+
+@dataclass(frozen=True, slots=True)
 class OpenContext:
     """Everything a table type needs to open one instance."""
 
@@ -76,6 +94,7 @@ class OpenContext:
     #: tables (unionmap, pipemap): a private instance, opened directly as Postfix does
     #: (components need no approval of their own). Raises TableError when it fails.
     open_nested: Callable[[str, int], Table] | None = None
+    options: TableOptions = field(default_factory=TableOptions)
 
     @property
     def spec(self) -> str:
