@@ -10,11 +10,47 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .tables.base import TableOptions
 from .wire.attr import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class TableSettings:
+    """Per-table options: ``[table_defaults]`` and ``[tables."type:name"]`` in the TOML file."""
+
+    defaults: TableOptions = field(default_factory=TableOptions)
+    per_table: Mapping[str, TableOptions] = field(default_factory=dict)
+
+    def options_for(self, spec: str) -> TableOptions:
+        return self.per_table.get(spec, self.defaults)
+
+    @classmethod
+    def from_toml(
+        cls, defaults: dict[str, Any], tables: dict[str, Any], where: str
+    ) -> TableSettings:
+        base = _table_options(TableOptions(), defaults, f"{where} [table_defaults]")
+        per_table = {
+            spec: _table_options(base, values, f'{where} [tables."{spec}"]')
+            for spec, values in tables.items()
+        }
+        return cls(base, per_table)
+
+
+def _table_options(base: TableOptions, values: dict[str, Any], where: str) -> TableOptions:
+    kinds = get_type_hints(TableOptions)
+    out = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise ValueError(f"{where}: unknown table option {name!r}")
+        out[name] = kinds[name](value)
+        if out[name] < 0:
+            raise ValueError(f"{where}: {name} must not be negative")
+    return replace(base, **out)
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -62,6 +98,8 @@ class Settings:
         "proxymap,proxywrite", "Services to run, comma-separated: proxymap, proxywrite."
     )
     log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    #: Not a command-line setting: per-table options from the TOML file.
+    tables: TableSettings = field(default_factory=TableSettings)
 
     @property
     def limits(self) -> Limits:
@@ -75,10 +113,10 @@ class Settings:
         for name in self.service_names:
             if name not in ("proxymap", "proxywrite"):
                 raise ValueError(f"unknown service {name!r} in services (proxymap, proxywrite)")
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name, *_ in definitions():
+            value = getattr(self, name)
             if isinstance(value, int | float) and value <= 0:
-                raise ValueError(f"{f.name} must be positive, not {value}")
+                raise ValueError(f"{name} must be positive, not {value}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"unknown log_level {self.log_level!r}")
         return self
@@ -87,7 +125,11 @@ class Settings:
 def definitions() -> list[tuple[str, type, Any, str]]:
     """(name, type, default, help) of every setting, in definition order."""
     hints = get_type_hints(Settings)
-    return [(f.name, hints[f.name], f.default, f.metadata["help"]) for f in fields(Settings)]
+    return [
+        (f.name, hints[f.name], f.default, f.metadata["help"])
+        for f in fields(Settings)
+        if "help" in f.metadata
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,10 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def known_names() -> list[str]:
-    return [f.name for f in fields(Settings)]
-
-
 def load(toml_path: Path | None, args: argparse.Namespace | None = None) -> Settings:
     """Settings from the TOML file (when it exists) overridden by command-line options."""
     values: dict[str, Any] = {}
@@ -114,12 +152,15 @@ def load(toml_path: Path | None, args: argparse.Namespace | None = None) -> Sett
         with toml_path.open("rb") as f:
             data = tomllib.load(f)
         known = {name: kind for name, kind, _, _ in definitions()}
+        values["tables"] = TableSettings.from_toml(
+            data.pop("table_defaults", {}), data.pop("tables", {}), str(toml_path)
+        )
         for name, value in data.items():
             if name not in known:
                 raise ValueError(f"{toml_path}: unknown setting {name!r}")
             values[name] = known[name](value)
     if args is not None:
-        for name in known_names():
+        for name, *_ in definitions():
             given = getattr(args, name, None)
             if given is not None:
                 values[name] = given

@@ -53,7 +53,11 @@ class ProxymapServer:
                 log = logging.getLogger(f"pyproxymap.{service_name}")
                 writer = service_name == "proxywrite"
                 tables = TableCache(
-                    writable=writer, fold=fold, log=log, reopen_delay=self.settings.reopen_delay
+                    writable=writer,
+                    fold=fold,
+                    log=log,
+                    reopen_delay=self.settings.reopen_delay,
+                    options_for=self.settings.tables.options_for,
                 )
                 allowlist = build_allowlist(self.maincf, writer, log)
                 service = Service(allowlist, tables, log, utf8=utf8)

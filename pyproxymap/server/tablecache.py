@@ -18,7 +18,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ..tables.base import OpenContext, Table, TableError, TableRetry, utf8_fold
+from ..tables.base import OpenContext, Table, TableError, TableOptions, TableRetry, utf8_fold
+from ..tables.cached import CachedTable
 from ..tables.registry import driver_for
 from ..wire.proxymap import PATTERN
 
@@ -53,8 +54,10 @@ class TableCache:
         fold: Callable[[bytes], bytes] = utf8_fold,
         log: logging.Logger,
         reopen_delay: float = 1.0,
+        options_for: Callable[[str], TableOptions] = lambda _: TableOptions(),
     ) -> None:
         self._writable = writable
+        self._options_for = options_for
         self._fold = fold
         self._log = log
         self._reopen_delay = reopen_delay
@@ -102,6 +105,7 @@ class TableCache:
             fold=self._fold,
             log=self._log,
             open_nested=self._open_nested,
+            options=self._options_for(name),
         )
 
     def _open_nested(self, name: str, instance_flags: int) -> Table:
@@ -113,9 +117,13 @@ class TableCache:
         return driver.open(ctx)
 
     def _open_now(self, key: Key) -> Table:
-        """Open a table (in a worker thread); never raises."""
+        """Open a table (in a worker thread), behind its result cache if it has one;
+        never raises."""
         try:
-            return self._open_nested(*key)
+            table = self._open_nested(*key)
+            options = table.ctx.options
+            wants_cache = options.cache_ttl or options.cache_negative_ttl or options.cache_stale
+            return CachedTable(table) if wants_cache and not self._writable else table
         except TableError as e:
             return UnavailableTable(self._context(key), str(e))
         except Exception as e:  # a driver bug must not take the service down

@@ -294,9 +294,10 @@ class Backends:
                     if key == b"drop-first" and self.requests[key] == 1:
                         return
                     reply = SOCKETMAP_REPLIES.get(key, b"OK socketmap " + name + b"=" + key)
-                    writer.write(encode(reply))
-                    if key == b"extra":
-                        writer.write(encode(b"OK unasked"))
+                    # "extra": an unasked reply in the same write, so that it is
+                    # there when the client reads its answer (not a race)
+                    unasked = encode(b"OK unasked") if key == b"extra" else b""
+                    writer.write(encode(reply) + unasked)
 
         await self._serve(writer, body)
 
