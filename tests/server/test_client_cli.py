@@ -15,6 +15,7 @@ from pyproxymap import settings
 from pyproxymap.client import AsyncClient, Client, ProxymapError
 from pyproxymap.config.maincf import MainCf
 from pyproxymap.server.app import ProxymapServer
+from pyproxymap.tables.base import TableOptions
 from pyproxymap.wire.proxymap import NEW_DIALECT, Status
 from tests.conftest import write_confdir
 
@@ -79,7 +80,9 @@ def test_settings_come_from_toml_and_the_command_line(tmp_path):
 
 def test_every_setting_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    for name, _, _default, _ in settings.definitions():
+    for name, *_ in settings.definitions():
+        assert f"| `{name}` |" in readme, name
+    for name in TableOptions.__dataclass_fields__:
         assert f"| `{name}` |" in readme, name
 
 
