@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import demo, logs, settings
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             import uvloop  # optional speed-up
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        asyncio.run(_serve(maincf, conf))
+        asyncio.run(_serve(maincf, conf, lambda: _config(args)))
     except (SocketInUse, OSError) as e:
         log.critical("%s", e)
         return 1
@@ -95,7 +96,11 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _serve(maincf: MainCf, conf: settings.Settings) -> None:
+async def _serve(
+    maincf: MainCf,
+    conf: settings.Settings,
+    reread: Callable[[], tuple[MainCf, settings.Settings]],
+) -> None:
     _raise_open_file_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -103,11 +108,25 @@ async def _serve(maincf: MainCf, conf: settings.Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     server = ProxymapServer(maincf, conf)
     await server.start()
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(server, reread)))
     log.info("pyproxymap started, config %s", maincf.config_dir)
     await stop.wait()
     log.info("stopping: letting in-flight requests finish")
     await server.stop()
     log.info("stopped")
+
+
+async def _reload(
+    server: ProxymapServer, reread: Callable[[], tuple[MainCf, settings.Settings]]
+) -> None:
+    """SIGHUP: read main.cf, the allow-lists and settings again and swap them in."""
+    try:
+        maincf, conf = reread()
+        await server.reload(maincf, conf)
+    except Exception as e:
+        log.error("reload refused, still serving the previous configuration: %s", e)
+    else:
+        log.info("reloaded configuration from %s", maincf.config_dir)
 
 
 # -- query ----------------------------------------------------------------------------

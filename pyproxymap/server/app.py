@@ -4,6 +4,11 @@ Tests and users start a real server on temporary sockets in a few lines::
 
     async with ProxymapServer(MainCf.load(confdir), Settings()) as server:
         ...  # server.socket_paths["proxymap"]
+
+The listening sockets are bound here, or handed in already bound (by Postfix's
+master, or by our supervisor to its workers). ``reload`` swaps in services built
+from a new configuration while every connection stays open: each session asks
+its slot for the current service on every request.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.allowlist import build_allowlist
@@ -34,59 +42,115 @@ def socket_path(maincf: MainCf, settings: Settings, service: str) -> Path:
     return Path(maincf.get("queue_directory") or "/var/spool/postfix") / "private" / name
 
 
+@dataclass(slots=True)
+class ServiceSlot:
+    """What a session asks for its current service; reload replaces ``service``."""
+
+    service: Service
+
+
+def build_services(maincf: MainCf, settings: Settings) -> dict[str, Service]:
+    """The services of one configuration, with fresh (empty) table caches.
+
+    Raises on a broken configuration, so a reload can refuse it and keep the old one.
+    """
+    utf8 = maincf.get_bool("smtputf8_enable")
+    services = {}
+    for name in settings.service_names:
+        log = logging.getLogger(f"pyproxymap.{name}")
+        writer = name == "proxywrite"
+        tables = TableCache(
+            writable=writer,
+            fold=utf8_fold if utf8 else ascii_fold,
+            log=log,
+            reopen_delay=settings.reopen_delay,
+            options_for=settings.tables.options_for,
+        )
+        services[name] = Service(build_allowlist(maincf, writer, log), tables, log, utf8=utf8)
+    return services
+
+
 class ProxymapServer:
-    def __init__(self, maincf: MainCf, settings: Settings) -> None:
+    def __init__(
+        self,
+        maincf: MainCf,
+        settings: Settings,
+        *,
+        listeners: Mapping[str, socket.socket] | None = None,
+    ) -> None:
         self.maincf = maincf
         self.settings = settings
         self.socket_paths: dict[str, Path] = {}
         self.sessions: set[Session] = set()
+        self.slots: dict[str, ServiceSlot] = {}
+        self._listeners = dict(listeners or {})
         self._servers: list[asyncio.Server] = []
-        self._caches: list[TableCache] = []
         self._watchers: list[asyncio.Task[None]] = []
 
+    @property
+    def services(self) -> dict[str, Service]:
+        return {name: slot.service for name, slot in self.slots.items()}
+
     async def start(self) -> None:
-        utf8 = self.maincf.get_bool("smtputf8_enable")
-        fold = utf8_fold if utf8 else ascii_fold
         owner = self.maincf.get("mail_owner")
         try:
-            for service_name in self.settings.service_names:
-                log = logging.getLogger(f"pyproxymap.{service_name}")
-                writer = service_name == "proxywrite"
-                tables = TableCache(
-                    writable=writer,
-                    fold=fold,
-                    log=log,
-                    reopen_delay=self.settings.reopen_delay,
-                    options_for=self.settings.tables.options_for,
-                )
-                allowlist = build_allowlist(self.maincf, writer, log)
-                service = Service(allowlist, tables, log, utf8=utf8)
-                path = socket_path(self.maincf, self.settings, service_name)
-                server = await listen_unix(
-                    path, lambda s=service, lg=log: self._session(s, lg), owner=owner
-                )
+            for name, service in build_services(self.maincf, self.settings).items():
+                slot = self.slots[name] = ServiceSlot(service)
+                factory = lambda slot=slot: self._session(slot)  # noqa: E731
+                sock = self._listeners.get(name)
+                if sock is not None:
+                    loop = asyncio.get_running_loop()
+                    server = await loop.create_unix_server(factory, sock=sock)
+                else:
+                    path = socket_path(self.maincf, self.settings, name)
+                    server = await listen_unix(path, factory, owner=owner)
+                    self.socket_paths[name] = path
                 self._servers.append(server)
-                self._caches.append(tables)
-                self.socket_paths[service_name] = path
-                self._watchers.append(
-                    asyncio.create_task(tables.watch(self.settings.reload_check_interval))
-                )
-                log.info("listening on %s", path)
+                self._watch(service)
+                service.log.info("listening on %s", sock.getsockname() if sock else path)
         except BaseException:
             await self.stop()
             raise
 
-    def _session(self, service: Service, log: logging.Logger) -> Session:
+    def _watch(self, service: Service) -> None:
+        interval = self.settings.reload_check_interval
+        self._watchers.append(asyncio.create_task(service.tables.watch(interval)))
+
+    def _session(self, slot: ServiceSlot) -> Session:
         session = Session(
-            service,
+            slot,
             limits=self.settings.limits,
             timeout=self.settings.request_timeout,
             max_pipelined=self.settings.max_pipelined,
-            log=log,
+            log=slot.service.log,
         )
         self.sessions.add(session)
         session.on_lost = self.sessions.discard
         return session
+
+    async def reload(self, maincf: MainCf, settings: Settings) -> None:
+        """Serve a new configuration: new allow-lists and table caches, the same sockets.
+
+        A configuration that cannot be built raises and leaves the running one alone.
+        Listening sockets and their paths stay as they are.
+        """
+        fresh = build_services(maincf, settings)
+        old = [slot.service for slot in self.slots.values()]
+        self.maincf, self.settings = maincf, settings
+        for task in self._watchers:
+            task.cancel()
+        self._watchers.clear()
+        for name, slot in self.slots.items():
+            if name in fresh:
+                slot.service = fresh[name]
+                self._watch(fresh[name])
+
+        def close_old_tables() -> None:
+            for service in old:
+                service.tables.close()
+
+        # Requests already in flight still hold the old tables; close them later.
+        asyncio.get_running_loop().call_later(settings.shutdown_grace, close_old_tables)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
@@ -105,10 +169,9 @@ class ProxymapServer:
         for path in self.socket_paths.values():
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        for cache in self._caches:
-            cache.close()
+        for slot in self.slots.values():
+            slot.service.tables.close()
         self._servers.clear()
-        self._caches.clear()
         self._watchers.clear()
 
     async def __aenter__(self) -> ProxymapServer:

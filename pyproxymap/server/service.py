@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable
 from inspect import isawaitable
 from typing import Any
@@ -58,6 +59,8 @@ class Service:
         self.tables = tables
         self.log = log
         self.utf8 = utf8  # smtputf8_enable: Postfix's dict_utf8 layer wraps every table
+        #: replies sent, by (table as asked, request, status): for status and metrics
+        self.counts: Counter[tuple[str, str, int]] = Counter()
         self.writer = allowlist.writer
         self.name = "proxywrite" if self.writer else "proxymap"
 
@@ -69,23 +72,23 @@ class Service:
         op = req.op
         if op in (UPDATE, DELETE) and not self.writer:
             self.log.warning("refusing %s %s request on non-proxywrite service", name, op)
-            return encode_reply(op, req.dialect, Status.DENY)
+            return self._reply(req, Status.DENY)
         if ":" not in name:
             self.log.warning("%s request: table name without type: %r", op, name)
-            return encode_reply(op, req.dialect, Status.BAD)
+            return self._reply(req, Status.BAD)
         if not self.allowlist.approves(name):
             self.log.warning('request for unapproved table: "%s"', name)
             self.log.warning("%s", self.allowlist.hint(name))
-            return encode_reply(op, req.dialect, Status.DENY)
+            return self._reply(req, Status.DENY)
         if op == SEQUENCE and req.function not in (SEQ_FIRST, SEQ_NEXT):
             self.log.warning("sequence request with bad function %d", req.function)
-            return encode_reply(op, req.dialect, Status.BAD)
+            return self._reply(req, Status.BAD)
         if req.flags & OPEN_LOCK and req.flags & LOCK:
             # Postfix's dict_open panics on this combination; no real client sends it.
             self.log.warning(
                 "%s request for %s with both open lock and access lock flags", op, name
             )
-            return encode_reply(op, req.dialect, Status.BAD)
+            return self._reply(req, Status.BAD)
         table = self.tables.get(name, req.instance_flags)
         if isinstance(table, Table):
             return self._call(req, table)
@@ -98,7 +101,7 @@ class Service:
     def _call(self, req: Request, table: Table) -> Reply:
         op = req.op
         if op == OPEN:
-            return encode_reply(op, req.dialect, Status.OK, req.instance_flags | table.flags)
+            return self._reply(req, Status.OK, req.instance_flags | table.flags)
         if op == LOOKUP and self._not_utf8(req, req.key):
             self.log.warning(
                 '%s: non-UTF-8 key "%s": %s',
@@ -106,7 +109,7 @@ class Service:
                 printable(req.key),
                 NON_UTF8,
             )
-            return encode_reply(op, req.dialect, Status.NOKEY, req.flags)
+            return self._reply(req, Status.NOKEY, req.flags)
         try:
             if op == LOOKUP:
                 result: Any = table.lookup(table.folded(req.key, req.flags), req.flags)
@@ -131,6 +134,13 @@ class Service:
             return self._failed(req, e)
         return self._succeeded(req, result)
 
+    def _reply(
+        self, req: Request, status: Status, flags: int = 0, key: bytes = b"", value: bytes = b""
+    ) -> bytes:
+        """Every reply leaves through here: counted, then encoded."""
+        self.counts[req.table, req.op, status] += 1
+        return encode_reply(req.op, req.dialect, status, flags, key, value)
+
     def _not_utf8(self, req: Request, text: bytes) -> bool:
         """Postfix's dict_utf8 layer: with smtputf8_enable=yes and a UTF8_REQUEST
         request, keys and values must be valid UTF-8."""
@@ -139,10 +149,10 @@ class Service:
         )
 
     def _succeeded(self, req: Request, result: Any) -> bytes:
-        op, dialect, flags = req.op, req.dialect, req.flags
+        op, flags = req.op, req.flags
         if op == LOOKUP:
             if result is None:
-                return encode_reply(op, dialect, Status.NOKEY, flags)
+                return self._reply(req, Status.NOKEY, flags)
             if self._not_utf8(req, result):
                 return self._failed(
                     req,
@@ -151,15 +161,15 @@ class Service:
                         f'"{printable(result)}": {NON_UTF8}'
                     ),
                 )
-            return encode_reply(op, dialect, Status.OK, flags, value=result)
+            return self._reply(req, Status.OK, flags, value=result)
         if op == SEQUENCE:
             if result is None:
-                return encode_reply(op, dialect, Status.NOKEY, flags)
+                return self._reply(req, Status.NOKEY, flags)
             key, value = result
-            return encode_reply(op, dialect, Status.OK, flags, key=key, value=value)
+            return self._reply(req, Status.OK, flags, key=key, value=value)
         if op == DELETE and result is False:
-            return encode_reply(op, dialect, Status.NOKEY, flags)
-        return encode_reply(op, dialect, Status.OK, flags)
+            return self._reply(req, Status.NOKEY, flags)
+        return self._reply(req, Status.OK, flags)
 
     def _failed(self, req: Request, error: BaseException) -> bytes:
         if isinstance(error, TableRetry | TimeoutError):
@@ -172,4 +182,4 @@ class Service:
         else:
             status = Status.RETRY
             self.log.error("%s: %s failed", req.table, req.op, exc_info=error)
-        return encode_reply(req.op, req.dialect, status, req.flags)
+        return self._reply(req, status, req.flags)

@@ -18,11 +18,13 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..wire.attr import AttrError, Decoder, Limits, Record
 from ..wire.proxymap import GREETING, ProtocolError, parse_request
-from .service import Service
+
+if TYPE_CHECKING:
+    from .app import ServiceSlot
 
 
 class Session(asyncio.Protocol):
@@ -33,7 +35,7 @@ class Session(asyncio.Protocol):
         "_max_pipelined",
         "_paused_reading",
         "_queue",
-        "_service",
+        "_slot",
         "_task",
         "_timeout",
         "_transport",
@@ -44,14 +46,14 @@ class Session(asyncio.Protocol):
 
     def __init__(
         self,
-        service: Service,
+        slot: ServiceSlot,
         *,
         limits: Limits,
         timeout: float,
         max_pipelined: int,
         log: logging.Logger,
     ) -> None:
-        self._service = service
+        self._slot = slot
         self._decoder = Decoder(limits)
         self._timeout = timeout
         self._max_pipelined = max_pipelined
@@ -153,7 +155,7 @@ class Session(asyncio.Protocol):
                 name.decode(errors="replace"),
                 request.op,
             )
-        return self._service.handle(request)
+        return self._slot.service.handle(request)
 
     def _wait_for(self, reply: Awaitable[bytes]) -> None:
         self._task = asyncio.ensure_future(self._deliver(reply))

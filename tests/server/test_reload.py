@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
-from pyproxymap.client import Client
+import pytest
+
+from pyproxymap.client import Client, ProxymapError
 from tests.conftest import RunningServer, write_confdir
 
 KEYS = 3000
@@ -81,3 +84,35 @@ def test_rewrites_under_load_are_atomic_and_drop_no_connection(tmp_path):
     assert len(seen) == 4  # every client kept its connection to the end
     assert all(VERSIONS - 1 in v and len(v) >= 2 for v in seen), seen
     assert "has changed -- reloaded" in server.log()
+
+
+def test_sighup_swaps_the_configuration_and_keeps_connections(tmp_path):
+    (tmp_path / "a").write_text("k a-value\n")
+    (tmp_path / "b").write_text("k b-value\n")
+    a, b = f"texthash:{tmp_path}/a", f"texthash:{tmp_path}/b"
+    conf = write_confdir(tmp_path, f"proxy_read_maps = proxy:{a}\n")
+    server = RunningServer(conf)
+    try:
+        with Client(server.socket()) as c:
+            assert c.lookup(a, "k") == b"a-value"
+            with pytest.raises(ProxymapError):
+                c.lookup(b, "k")  # not approved yet
+            write_confdir(tmp_path, f"proxy_read_maps = proxy:{b}\n")
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_until(lambda: "reloaded configuration" in server.log())
+            assert c.lookup(b, "k") == b"b-value"  # same connection, new allow-list
+            with pytest.raises(ProxymapError):
+                c.lookup(a, "k")
+            (tmp_path / "main.cf").write_text("this line has no equals sign\n")
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_until(lambda: "reload refused" in server.log())
+            assert c.lookup(b, "k") == b"b-value"  # the old configuration keeps serving
+    finally:
+        server.stop()
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
