@@ -1,12 +1,13 @@
 """Benchmark pyproxymap against real Postfix proxymap(8) in one run.
 
-Usage (as root, from the repository):  .venv/bin/python bench/compare.py
+Usage (as root, from the repository):  .venv/bin/python bench/compare.py [--type hash]
 
-Builds a 100k-line texthash table, starts a throwaway Postfix instance and our
-server on it, checks that both answer correctly, warms both up, then runs the
-same closed-loop client (one process per connection, no pipelining) against
-each at every concurrency level, alternating the order so drift hits both.
-See bench/README.md for what is measured and the caveats.
+Builds (once, cached) a 100k-key table of the chosen type (texthash, or hash,
+lmdb, cdb made by the real postmap), starts a throwaway Postfix instance and our
+server on the same file, checks that both answer correctly, warms both up, then
+runs the same closed-loop client (one process per connection, no pipelining)
+against each at every concurrency level, alternating the order so drift hits
+both. See bench/README.md for what is measured and the caveats.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import (
+    IO_TIMEOUT,
     KEY_FMT,
     LOOKUP_FLAGS,
     VALUE_FMT,
@@ -39,10 +42,17 @@ from loadgen import (
     connect,
     descendants,
     master_and,
+    read_record,
     run_row,
 )
 
 POSTFIX_SBIN = "/usr/sbin"
+#: Table types and the suffix postmap gives their file ("" = read from the source itself).
+TYPES = {"texthash": "", "hash": ".db", "lmdb": ".lmdb", "cdb": ".cdb"}
+#: Built tables are kept here between runs, one directory per table size.
+CACHE_DIR = Path("/var/tmp/pyproxymap-bench-cache")
+#: How long a server may take to start and open a table (1M-line texthash).
+READY_TIMEOUT = 180.0
 
 
 @dataclass
@@ -54,6 +64,7 @@ class Target:
     table: str
     meter: Callable[[], CpuMeter]
     note: str
+    pid: int = 0  # ours: the server process; Postfix: its master
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -73,18 +84,34 @@ def tail(path: Path, lines: int = 15) -> str:
         return f"({path} unreadable)"
 
 
-def wait_ready(path: str, table: str, timeout: float, alive: Callable[[], bool]) -> None:
-    """Wait until ``path`` accepts a connection and opens ``table``."""
+def wait_ready(
+    path: str,
+    table: str | None,
+    timeout: float,
+    alive: Callable[[], bool],
+    poll: float = 0.1,
+) -> None:
+    """Wait until ``path`` accepts a connection and opens ``table``.
+
+    With ``table=None`` only the connection and the server's announcement are
+    awaited, so no table is opened.
+    """
     t_end, last = time.monotonic() + timeout, "no attempt"
     while time.monotonic() < t_end:
         if not alive():
             raise RuntimeError(f"server exited before {path} was ready ({last})")
         try:
-            connect(path, table).close()
+            if table is None:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(IO_TIMEOUT)
+                    sock.connect(path)
+                    read_record(sock)
+            else:
+                connect(path, table).close()
             return
         except OSError as e:  # ConnectionError, FileNotFoundError, timeouts
             last = repr(e)
-        time.sleep(0.1)
+        time.sleep(poll)
     raise RuntimeError(f"{path} not ready after {timeout:.0f}s: {last}")
 
 
@@ -95,9 +122,56 @@ def write_table(path: Path, nkeys: int) -> None:
     path.chmod(0o644)
 
 
+def _readable_dir(path: Path) -> Path:
+    """Create ``path`` mode 0755: proxymap runs as mail_owner and must reach the tables."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+def build_table(kind: str, nkeys: int, cache: Path = CACHE_DIR) -> str:
+    """``TYPE:PATH`` of an ``nkeys``-key table, built once and then reused from ``cache``.
+
+    The source is ``cache/k<nkeys>/big``; indexed types are made from it by the
+    real ``postmap TYPE:FILE`` beside it (``big.db``, ``big.lmdb``, ``big.cdb``).
+    Every file is built under a temporary name and renamed into place when
+    complete, so an interrupted build is never reused. Delete the directory to
+    rebuild.
+    """
+    _readable_dir(cache)
+    top = _readable_dir(cache / f"k{nkeys}")
+    src = top / "big"
+    if not src.exists():
+        t0 = time.monotonic()
+        tmp = top / f".big.{os.getpid()}"
+        write_table(tmp, nkeys)
+        # Older than a second, so no reader waits for the file to "cool down".
+        old = time.time() - 60
+        os.utime(tmp, (old, old))
+        os.replace(tmp, src)
+        print(f"# wrote {src} ({nkeys} lines) in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    suffix = TYPES[kind]
+    if suffix and not (top / f"big{suffix}").exists():
+        t0 = time.monotonic()
+        build = _readable_dir(top / f".build-{kind}-{os.getpid()}")
+        try:
+            (build / "big").symlink_to(src)
+            sh(f"{POSTFIX_SBIN}/postmap", f"{kind}:{build / 'big'}")
+            out = build / f"big{suffix}"
+            out.chmod(0o644)
+            os.replace(out, top / f"big{suffix}")
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        print(
+            f"# postmap {kind}:{src} ({nkeys} keys) took {time.monotonic() - t0:.1f}s",
+            file=sys.stderr,
+        )
+    return f"{kind}:{src}"
+
+
 # ---------------------------------------------------------------- Postfix
 @contextmanager
-def throwaway_postfix(top: Path, table_path: Path) -> Iterator[Target]:
+def throwaway_postfix(top: Path, table: str) -> Iterator[Target]:
     """A private Postfix instance (own config, queue, data dirs and master)."""
     etc, spool, data = top / "etc", top / "spool", top / "data"
     etc.mkdir(parents=True)
@@ -117,7 +191,7 @@ local_recipient_maps =
 syslog_name = postfix-pyproxymap-bench
 maillog_file = {top}/maillog
 maillog_file_prefixes = {top}
-proxy_read_maps = proxy:texthash:{table_path}
+proxy_read_maps = proxy:{table}
 """
     )
     (etc / "master.cf").write_text(
@@ -127,9 +201,8 @@ proxy_read_maps = proxy:texthash:{table_path}
     try:
         sh(postfix, "-c", str(etc), "check")
         sh(postfix, "-c", str(etc), "start")
-        table = f"texthash:{table_path}"
         sock = str(spool / "private" / "proxymap")
-        wait_ready(sock, table, 30, lambda: True)
+        wait_ready(sock, table, READY_TIMEOUT, lambda: True)
         master = int((spool / "pid" / "master.pid").read_text().split()[0])
     except Exception as e:
         sh(postfix, "-c", str(etc), "stop", check=False)
@@ -142,52 +215,72 @@ proxy_read_maps = proxy:texthash:{table_path}
             lambda: CpuMeter(master_and(master)),
             f"Postfix {sh('postconf', '-h', 'mail_version')} throwaway instance "
             f"(config {etc}, master pid {master})",
+            master,
         )
     finally:
         sh(postfix, "-c", str(etc), "stop", check=False)
 
 
 @contextmanager
-def system_postfix(table_path: Path, why: str) -> Iterator[Target]:
-    """Fallback: the running system instance, if it proxies an identical table."""
+def system_postfix(table: str, why: str) -> Iterator[Target]:
+    """Fallback: the running system instance, if it proxies the same table.
+
+    The same file for indexed types; for texthash, any file with identical content.
+    """
     queue = Path(sh("postconf", "-h", "queue_directory"))
-    want = table_path.read_bytes()
+    kind, _, path = table.partition(":")
+    want = Path(path).read_bytes() if kind == "texthash" else None
     for tok in sh("postconf", "-xh", "proxy_read_maps").replace(",", " ").split():
-        if tok.startswith("proxy:texthash:"):
-            cand = Path(tok.removeprefix("proxy:texthash:"))
+        if tok == f"proxy:{table}":
+            cand = table
+            break
+        if want is not None and tok.startswith("proxy:texthash:"):
+            cand = tok.removeprefix("proxy:")
             try:
-                if cand.stat().st_size == len(want) and cand.read_bytes() == want:
+                file = Path(cand.removeprefix("texthash:"))
+                if file.stat().st_size == len(want) and file.read_bytes() == want:
                     break
             except OSError:
                 continue
     else:
         raise RuntimeError(
-            f"throwaway Postfix failed ({why}) and the system instance proxies no texthash "
-            f"table identical to {table_path}"
+            f"throwaway Postfix failed ({why}) and the system instance does not proxy "
+            f"{table}" + (" or a texthash table identical to it" if want is not None else "")
         )
     master = int((queue / "pid" / "master.pid").read_text().split()[0])
-    table, sock = f"texthash:{cand}", str(queue / "private" / "proxymap")
-    wait_ready(sock, table, 30, lambda: True)
+    sock = str(queue / "private" / "proxymap")
+    wait_ready(sock, cand, READY_TIMEOUT, lambda: True)
     yield Target(
         "postfix",
         sock,
-        table,
+        cand,
         lambda: CpuMeter(master_and(master)),
         f"FALLBACK: system Postfix {sh('postconf', '-h', 'mail_version')} instance "
         f"(master pid {master}, table {cand}) because the throwaway instance failed: {why}",
+        master,
     )
 
 
 # ---------------------------------------------------------------- ours
 @contextmanager
-def our_server(top: Path, table_path: Path, cmd_fmt: str) -> Iterator[Target]:
-    """Our server in the foreground, on its own queue directory; SIGTERM at the end."""
+def our_server(
+    top: Path,
+    tables: list[str],
+    cmd_fmt: str,
+    ready: str | None = "",
+    poll: float = 0.1,
+) -> Iterator[Target]:
+    """Our server in the foreground, on its own queue directory; SIGTERM at the end.
+
+    ``tables`` (``TYPE:PATH``) are its proxy_read_maps. It is ready when the first
+    of them opens, or ``ready`` if given (``None``: when the socket answers, with
+    no table opened).
+    """
     etc, spool = top / "etc", top / "spool"
     etc.mkdir(parents=True)
     (spool / "private").mkdir(parents=True, mode=0o700)
-    (etc / "main.cf").write_text(
-        f"queue_directory = {spool}\nproxy_read_maps = proxy:texthash:{table_path}\n"
-    )
+    maps = " ".join(f"proxy:{t}" for t in tables)
+    (etc / "main.cf").write_text(f"queue_directory = {spool}\nproxy_read_maps = {maps}\n")
     cmd = shlex.split(cmd_fmt.format(bindir=Path(sys.executable).parent, conf=etc))
     log = top / "server.log"
     try:
@@ -199,10 +292,16 @@ def our_server(top: Path, table_path: Path, cmd_fmt: str) -> Iterator[Target]:
         raise RuntimeError(
             f"cannot start our server ({e}); not installed yet? --targets postfix skips it"
         ) from e
-    table, sock = f"texthash:{table_path}", str(spool / "private" / "proxymap")
+    table, sock = tables[0], str(spool / "private" / "proxymap")
     try:
         try:
-            wait_ready(sock, table, 60, lambda: proc.poll() is None)
+            wait_ready(
+                sock,
+                table if ready == "" else ready,
+                READY_TIMEOUT,
+                lambda: proc.poll() is None,
+                poll,
+            )
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{shlex.join(cmd)} log:\n{tail(log)}") from e
         yield Target(
@@ -211,6 +310,7 @@ def our_server(top: Path, table_path: Path, cmd_fmt: str) -> Iterator[Target]:
             table,
             lambda: CpuMeter(descendants(proc.pid)),
             f"pyproxymap: {shlex.join(cmd)} (pid {proc.pid})",
+            proc.pid,
         )
     finally:
         if proc.poll() is None:
@@ -300,6 +400,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per row (%(default)s)")
     ap.add_argument("--conns", default="1,16,64", help="connection counts (%(default)s)")
     ap.add_argument("--keys", type=int, default=100_000, help="table size (%(default)s)")
+    ap.add_argument(
+        "--type",
+        choices=list(TYPES),
+        default="texthash",
+        help="table type; indexed types are built with the real postmap (%(default)s)",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=CACHE_DIR,
+        help="where built tables are kept between runs (%(default)s)",
+    )
     ap.add_argument("--json", type=Path, help="also write machine, config and rows here")
     ap.add_argument("--targets", default="ours,postfix", help="which servers to run (%(default)s)")
     ap.add_argument(
@@ -329,21 +441,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_targets(args: argparse.Namespace, top: Path, stack: ExitStack) -> list[Target]:
-    """Start the requested servers (ours first); each stops when ``stack`` closes."""
-    table_path = top / "big"
+def start_targets(
+    args: argparse.Namespace, top: Path, table: str, stack: ExitStack
+) -> list[Target]:
+    """Start the requested servers (ours first) on ``table``; each stops when ``stack`` closes."""
     targets: list[Target] = []
     if "ours" in args.targets:
-        targets.append(stack.enter_context(our_server(top / "ours", table_path, args.ours_cmd)))
+        targets.append(stack.enter_context(our_server(top / "ours", [table], args.ours_cmd)))
     if "postfix" in args.targets:
         if args.postfix == "system":
-            targets.append(stack.enter_context(system_postfix(table_path, "--postfix system")))
+            targets.append(stack.enter_context(system_postfix(table, "--postfix system")))
         else:
             try:
-                pf = stack.enter_context(throwaway_postfix(top / "postfix", table_path))
+                pf = stack.enter_context(throwaway_postfix(top / "postfix", table))
             except RuntimeError as e:
                 print(f"# throwaway Postfix failed, trying the system one: {e}", file=sys.stderr)
-                pf = stack.enter_context(system_postfix(table_path, str(e).splitlines()[0]))
+                pf = stack.enter_context(system_postfix(table, str(e).splitlines()[0]))
             targets.append(pf)
     return targets
 
@@ -354,15 +467,19 @@ def main(argv: list[str] | None = None) -> int:
         print("compare.py must run as root (it starts a Postfix master).", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        table = build_table(args.type, args.keys, args.cache_dir)
+    except RuntimeError as e:
+        print(f"error: building the table: {e}", file=sys.stderr)
+        return 2
     top = Path(tempfile.mkdtemp(prefix="pyproxymap-bench-"))
-    top.chmod(0o755)  # proxymap runs as mail_owner and must read the table
-    write_table(top / "big", args.keys)
+    top.chmod(0o755)  # Postfix's own directories are made under it
     info = machine()
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
     try:
         with ExitStack() as stack:
-            targets = start_targets(args, top, stack)
+            targets = start_targets(args, top, table, stack)
             notes = {t.name: t.note for t in targets}
             rows = bench(args, info, targets)
     except RuntimeError as e:
@@ -395,7 +512,8 @@ def bench(
         + "  ".join(f"{k}={v}" for k, v in info.items())
     )
     print(
-        f"# texthash {args.keys} keys, lookup flags {LOOKUP_FLAGS}, {args.duration:g}s per row, "
+        f"# {targets[0].table if targets else args.type} ({args.keys} keys), "
+        f"lookup flags {LOOKUP_FLAGS}, {args.duration:g}s per row, "
         f"{args.warmup} warm-up lookups per connection, client: 1 process per connection"
     )
     for t in targets:
