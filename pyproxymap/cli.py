@@ -1,10 +1,12 @@
-"""The ``pyproxymap`` command: serve | query | check."""
+"""The ``pyproxymap`` command: serve | query | check | status | reload | flush."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import resource
 import shutil
@@ -12,11 +14,13 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import demo, logs, settings
 from .client import Client, ProxymapError
 from .config.allowlist import build_allowlist
 from .config.maincf import ConfigError, MainCf
+from .server import admin
 from .server.app import ProxymapServer, socket_path
 from .server.listener import SocketInUse
 
@@ -80,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(_serve(maincf, conf, lambda: _config(args)))
-    except (SocketInUse, OSError) as e:
+    except (SocketInUse, OSError, ImportError) as e:
         log.critical("%s", e)
         return 1
     finally:
@@ -108,25 +112,39 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     server = ProxymapServer(maincf, conf)
     await server.start()
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(server, reread)))
-    log.info("pyproxymap started, config %s", maincf.config_dir)
-    await stop.wait()
-    log.info("stopping: letting in-flight requests finish")
-    await server.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.stop)
+        reload = functools.partial(_reload, server, reread)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        # Where they listen is read at start only, as for the service sockets.
+        control = admin.AdminServer(server, admin.admin_path(maincf, conf), reload)
+        await control.start()
+        stack.push_async_callback(control.stop)
+        if conf.metrics_address:
+            from .server.metrics import MetricsServer  # needs the metrics extra
+
+            metrics = MetricsServer(server, conf.metrics_address)
+            await metrics.start()
+            stack.push_async_callback(metrics.stop)
+        log.info("pyproxymap started, config %s", maincf.config_dir)
+        await stop.wait()
+        log.info("stopping: letting in-flight requests finish")
     log.info("stopped")
 
 
 async def _reload(
     server: ProxymapServer, reread: Callable[[], tuple[MainCf, settings.Settings]]
-) -> None:
-    """SIGHUP: read main.cf, the allow-lists and settings again and swap them in."""
+) -> str | None:
+    """SIGHUP or ``pyproxymap reload``: read main.cf, the allow-lists and settings again
+    and swap them in. None when done, else why the configuration was refused."""
     try:
         maincf, conf = reread()
         await server.reload(maincf, conf)
     except Exception as e:
         log.error("reload refused, still serving the previous configuration: %s", e)
-    else:
-        log.info("reloaded configuration from %s", maincf.config_dir)
+        return f"reload refused, still serving the previous configuration: {e}"
+    log.info("reloaded configuration from %s", maincf.config_dir)
+    return None
 
 
 # -- query ----------------------------------------------------------------------------
@@ -157,6 +175,47 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(f"pyproxymap: cannot query {path}: {e}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_FOUND if found else EXIT_NOT_FOUND
+
+
+# -- status, reload, flush --------------------------------------------------------------
+def _ask(args: argparse.Namespace, request: dict[str, str]) -> dict[str, Any] | None:
+    """Send a command to the running server's admin socket; None (said why) on failure."""
+    maincf, conf = _config(args)
+    try:
+        return admin.ask(admin.admin_path(maincf, conf), request)
+    except admin.AdminError as e:
+        print(f"pyproxymap: {args.command}: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"command": "status"})
+    if reply is None:
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(reply["status"], indent=2))
+    else:
+        print(admin.format_status(reply["status"]))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    if _ask(args, {"command": "reload"}) is None:
+        return EXIT_ERROR
+    print("pyproxymap: configuration reloaded")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    table = _table_name(args.table)
+    reply = _ask(args, {"command": "flush", "table": table})
+    if reply is None:
+        return EXIT_ERROR
+    if reply["flushed"]:
+        print(f"pyproxymap: {table}: flushed; the next request opens it afresh")
+    else:
+        print(f"pyproxymap: {table} is not open; nothing to flush")
+    return 0
 
 
 # -- check ----------------------------------------------------------------------------
@@ -217,6 +276,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("tables", metavar="TABLE", nargs="+", help="[proxy:]type:name")
     check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser(
+        "status",
+        help="show the running server's tables, request counts and latency, cache and pool use",
+    )
+    _add_config_options(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser(
+        "reload", help="make the running server re-read its configuration (as SIGHUP does)"
+    )
+    _add_config_options(reload)
+    reload.set_defaults(func=cmd_reload)
+
+    flush = sub.add_parser(
+        "flush",
+        help="drop a table's open instances and cached answers, so the next request reopens it",
+    )
+    _add_config_options(flush)
+    flush.add_argument("table", metavar="TABLE", help="[proxy:]type:name")
+    flush.set_defaults(func=cmd_flush)
 
     args = parser.parse_args(argv)
     try:

@@ -2,12 +2,14 @@
 
 Operators grep Postfix logs for "warning:", "error:", "fatal:"; our lines read the
 same way. Logger names ``pyproxymap.<service>`` give the service in the tag.
+Passwords are masked in every line, whatever logged them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -19,6 +21,16 @@ _SEVERITY = {
     logging.ERROR: "error: ",
     logging.CRITICAL: "fatal: ",
 }
+
+#: "password = x", "bind_pw: x" (as in Postfix's *_table files), "scheme://user:x@host".
+_SECRET = re.compile(
+    r"(?i)(\b(?:bind_?pw|password|passwd)\s*[=:]\s*['\"]?)[^\s,;'\"]+|(://[^/\s:@]*:)[^/\s@]+(?=@)"
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the passwords in it replaced by ``***``."""
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
 
 
 class PostfixFormatter(logging.Formatter):
@@ -34,7 +46,7 @@ class PostfixFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         prefix = f"{stamp} {self._host} {tag}[{os.getpid()}]: {_SEVERITY.get(record.levelno, '')}"
-        return prefix + text.replace("\n", "\n" + prefix)
+        return prefix + redact(text).replace("\n", "\n" + prefix)
 
 
 def setup(level: str = "info") -> None:

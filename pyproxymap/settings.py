@@ -94,6 +94,17 @@ class Settings:
         "Path of the read-write service socket "
         "(default: $queue_directory/private/$proxywrite_service_name).",
     )
+    admin_socket: str = _setting(
+        "",
+        "Path of the admin socket that pyproxymap status, reload and flush use; only its "
+        "owner may connect (default: $queue_directory/pyproxymap/admin, outside Postfix's "
+        "private/ and public/).",
+    )
+    metrics_address: str = _setting(
+        "",
+        "host:port to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9187; "
+        "empty: off. Needs the metrics extra (prometheus_client).",
+    )
     services: str = _setting(
         "proxymap,proxywrite", "Services to run, comma-separated: proxymap, proxywrite."
     )
@@ -117,6 +128,8 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, int | float) and value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
+        if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
+            raise ValueError(f"metrics_address {self.metrics_address!r}: expected host:port")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"unknown log_level {self.log_level!r}")
         return self

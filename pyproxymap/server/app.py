@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,9 @@ class ProxymapServer:
         self._listeners = dict(listeners or {})
         self._servers: list[asyncio.Server] = []
         self._watchers: list[asyncio.Task[None]] = []
+        self.started = time.time()
+        self.reloads = 0  # configurations swapped in
+        self.worker_restarts = 0  # stays 0 until there are worker processes
 
     @property
     def services(self) -> dict[str, Service]:
@@ -142,6 +146,7 @@ class ProxymapServer:
         self._watchers.clear()
         for name, slot in self.slots.items():
             if name in fresh:
+                fresh[name].keep_stats(slot.service)
                 slot.service = fresh[name]
                 self._watch(fresh[name])
 
@@ -151,6 +156,20 @@ class ProxymapServer:
 
         # Requests already in flight still hold the old tables; close them later.
         asyncio.get_running_loop().call_later(settings.shutdown_grace, close_old_tables)
+        self.reloads += 1
+
+    def flush(self, name: str) -> int:
+        """Drop the open instances of table ``name`` in every service, so the next
+        request reopens it (and its result cache starts empty); how many were open."""
+        dropped = [t for slot in self.slots.values() for t in slot.service.tables.flush(name)]
+
+        def close_dropped() -> None:
+            for table in dropped:
+                table.close()
+
+        # As on reload: requests in flight may still use them.
+        asyncio.get_running_loop().call_later(self.settings.shutdown_grace, close_dropped)
+        return len(dropped)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""

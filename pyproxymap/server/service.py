@@ -13,15 +13,21 @@ not approved, write on proxymap       DENY
 ====================================  ========
 
 A failure is never answered NOKEY: Postfix would bounce mail on it.
+
+Every reply is counted by (table, request, status), and every request that
+reaches a table is timed into a (table, request) histogram; one slower than the
+table's ``slow_lookup`` is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable
 from inspect import isawaitable
+from time import perf_counter_ns
 from typing import Any
 
 from ..config.allowlist import AllowList
@@ -42,10 +48,14 @@ from ..wire.proxymap import (
     Status,
     encode_reply,
 )
+from .latency import BOUNDS_NS, Histogram, new_histogram
 from .tablecache import TableCache, TableUnavailable
 
 PROXY_PREFIX = "proxy:"
+#: Result types that are answers already (isawaitable is costly on the hot path).
+_READY = frozenset({bytes, bool, tuple})
 NON_UTF8 = "malformed UTF-8 or invalid codepoint"
+KEYED = (LOOKUP, UPDATE, DELETE)
 Reply = bytes | Awaitable[bytes]
 
 
@@ -61,8 +71,14 @@ class Service:
         self.utf8 = utf8  # smtputf8_enable: Postfix's dict_utf8 layer wraps every table
         #: replies sent, by (table as asked, request, status): for status and metrics
         self.counts: Counter[tuple[str, str, int]] = Counter()
+        #: time from request to reply, by (table as asked, request): see latency.py
+        self.latency: dict[tuple[str, str], Histogram] = {}
         self.writer = allowlist.writer
         self.name = "proxywrite" if self.writer else "proxymap"
+
+    def keep_stats(self, old: Service) -> None:
+        """Go on counting where ``old`` (the service a reload replaces) left off."""
+        self.counts, self.latency = old.counts, old.latency
 
     def handle(self, req: Request) -> Reply:
         """The reply to ``req``: bytes when it is ready now, else an awaitable of bytes."""
@@ -89,14 +105,50 @@ class Service:
                 "%s request for %s with both open lock and access lock flags", op, name
             )
             return self._reply(req, Status.BAD)
+        start = perf_counter_ns()
         table = self.tables.get(name, req.instance_flags)
-        if isinstance(table, Table):
-            return self._call(req, table)
-        return self._call_when_open(req, table)
+        if not isinstance(table, Table):
+            return self._call_when_open(req, table, start)
+        reply = self._call(req, table)
+        if isinstance(reply, bytes):
+            self._took(req, table, start)
+            return reply
+        return self._timed(req, table, reply, start)
 
-    async def _call_when_open(self, req: Request, opening: Awaitable[Table]) -> bytes:
-        reply = self._call(req, await opening)
-        return reply if isinstance(reply, bytes) else await reply
+    async def _call_when_open(self, req: Request, opening: Awaitable[Table], start: int) -> bytes:
+        table = await opening
+        reply = self._call(req, table)
+        if not isinstance(reply, bytes):
+            reply = await reply
+        self._took(req, table, start)
+        return reply
+
+    async def _timed(
+        self, req: Request, table: Table, reply: Awaitable[bytes], start: int
+    ) -> bytes:
+        data = await reply
+        self._took(req, table, start)
+        return data
+
+    def _took(self, req: Request, table: Table, start: int) -> None:
+        """Time a reply (from ``start``, perf_counter_ns) and warn when it was slow."""
+        elapsed = perf_counter_ns() - start
+        histogram = self.latency.get((req.table, req.op))
+        if histogram is None:
+            histogram = self.latency[req.table, req.op] = new_histogram()
+        histogram[bisect_left(BOUNDS_NS, elapsed)] += 1
+        histogram[-1] += elapsed
+        slow = table.ctx.options.slow_lookup
+        if elapsed > slow * 1e9 and slow:
+            what = f' of "{printable(req.key[:100])}"' if req.op in KEYED else ""
+            self.log.warning(
+                "%s: %s%s took %.0f ms (slow_lookup = %g s)",
+                printable(table.ctx.spec),
+                req.op,
+                what,
+                elapsed / 1e6,
+                slow,
+            )
 
     def _call(self, req: Request, table: Table) -> Reply:
         op = req.op
@@ -121,7 +173,7 @@ class Service:
                 result = table.delete(table.folded(req.key, req.flags), req.flags)
         except Exception as e:
             return self._failed(req, e)
-        if isawaitable(result):
+        if result is not None and type(result) not in _READY and isawaitable(result):
             return self._finish(req, result)
         return self._succeeded(req, result)
 
@@ -167,7 +219,7 @@ class Service:
                 return self._reply(req, Status.NOKEY, flags)
             key, value = result
             return self._reply(req, Status.OK, flags, key=key, value=value)
-        if op == DELETE and result is False:
+        if result is False:  # delete of a missing key; an update the table skipped
             return self._reply(req, Status.NOKEY, flags)
         return self._reply(req, Status.OK, flags)
 

@@ -68,6 +68,18 @@ class TableCache:
     def __len__(self) -> int:
         return len(self._tables)
 
+    def instances(self) -> list[tuple[Key, Table]]:
+        """The open instances (UnavailableTable for one that failed to open)."""
+        return list(self._tables.items())
+
+    def flush(self, name: str) -> list[Table]:
+        """Forget every instance of table ``name``, so the next request opens it afresh
+        (with an empty result cache); the caller closes what is returned."""
+        keys = [key for key in self._tables if key[0] == name]
+        for key in keys:
+            self._refused.pop(key, None)
+        return [self._tables.pop(key) for key in keys]
+
     def get(self, name: str, instance_flags: int) -> Table | Awaitable[Table]:
         """The open instance, or an awaitable that opens it (once, for every waiter)."""
         key = (name, instance_flags)

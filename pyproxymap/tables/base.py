@@ -78,6 +78,7 @@ class TableOptions:
     cache_negative_ttl: float = 0.0  # seconds a "not found" is cached
     cache_size: int = 10000  # answers cached per table, at most
     cache_stale: float = 0.0  # seconds the last good answer serves while the backend fails
+    slow_lookup: float = 1.0  # seconds after which a request is logged as slow (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +150,9 @@ class Table:
 
     def close(self) -> None:
         """Release what the instance holds."""
+
+    def stats(self) -> dict[str, int]:
+        """Figures for ``pyproxymap status`` and the metrics, read when asked: a result
+        cache gives ``cache_hits``, ``cache_misses``, ``cache_stale``, ``cache_entries``;
+        a table with a connection pool ``pool_in_use``, ``pool_idle``, ``pool_waiting``."""
+        return {}

@@ -121,3 +121,12 @@ class CachedTable(Table):
 
     def close(self) -> None:
         self.inner.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "cache_stale": self.stale_answers,
+            "cache_entries": len(self._entries),
+            **self.inner.stats(),
+        }

@@ -283,6 +283,15 @@ class Pool:
     def open_connections(self) -> int:
         return self._live
 
+    def stats(self) -> dict[str, int]:
+        """Connections in use (or being opened), idle in the pool, and lookups waiting."""
+        waiting = sum(not w.done() for w in self._waiters)
+        return {
+            "pool_in_use": self._live - len(self._idle),
+            "pool_idle": len(self._idle),
+            "pool_waiting": waiting,
+        }
+
     @asynccontextmanager
     async def connection(self, deadline: float, log: logging.Logger) -> AsyncIterator[Link]:
         """A connection to use for one exchange; it goes back to the pool afterwards.

@@ -123,3 +123,6 @@ class SocketmapTable(Table):
 
     def close(self) -> None:
         unshare(_PROTOCOL, self.pool)
+
+    def stats(self) -> dict[str, int]:
+        return self.pool.stats()

@@ -120,3 +120,6 @@ class TcpTable(Table):
 
     def close(self) -> None:
         unshare(_PROTOCOL, self.pool)
+
+    def stats(self) -> dict[str, int]:
+        return self.pool.stats()
