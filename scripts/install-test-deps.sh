@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=""
 for p in postfix postfix-lmdb postfix-cdb postfix-pcre libdb5.3-dev \
-    postfix-ldap slapd ldap-utils memcached libldap2-dev libsasl2-dev; do
+    postfix-ldap slapd ldap-utils memcached libldap2-dev libsasl2-dev \
+    postfix-pgsql postfix-mysql postfix-sqlite; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need="$need $p"
 done
 # Debian's own python3 needs python3-venv for "python3 -m venv"; other builds have it.

@@ -38,6 +38,11 @@ BUILTIN: dict[str, str] = {
     "pipemap": "pyproxymap.tables.pipemap:PipemapTable",
     "socketmap": "pyproxymap.tables.socketmap:SocketmapTable",
     "tcp": "pyproxymap.tables.tcp:TcpTable",
+    "pgsql": "pyproxymap.tables.sql.pgsql:PgsqlTable",
+    "mysql": "pyproxymap.tables.sql.mysql:MysqlTable",
+    "sqlite": "pyproxymap.tables.sql.sqlite:SqliteTable",
+    "ldap": "pyproxymap.tables.ldap:LdapTable",
+    "memcache": "pyproxymap.tables.memcache:MemcacheTable",
 }
 
 

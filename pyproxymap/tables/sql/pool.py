@@ -1,0 +1,466 @@
+"""Connections to SQL servers: bounded, shared, recycled, with Postfix's host failover.
+
+Postfix keeps one connection per table in each process and fails over between
+the ``hosts`` of the .cf file: hosts with an open connection first, UNIX
+sockets before TCP before URIs, random among equals; a host that fails (to
+connect or to answer) is skipped for ``retry_interval`` seconds and the same
+lookup goes on to the next host; a connection idle for ``idle_interval``
+seconds is closed. A single host is listed twice, so one failure is followed
+by an immediate reconnect (a restarted server goes unnoticed); here, once
+that reconnect succeeds, both entries count as up again.
+
+One pyproxymap answers for every Postfix process at once, so a table's
+connections form a pool instead, shared by every open table with the same
+connection settings:
+
+- at most ``max_connections`` connections, counted from the start of a connect
+  to the end of a close, so the server never sees more; a lookup that finds
+  them all busy waits in line at most ``pool_wait`` seconds;
+- every lookup has a deadline (``timeout``): past it the lookup is RETRY at
+  once, and the query, cancelled, ends and closes its connection on its own
+  while still holding its place in the count;
+- a connection idle for ``idle_interval`` seconds or older than
+  ``MAX_LIFETIME`` is closed; one that sat idle for ``CHECK_AFTER`` seconds is
+  pinged before it is used, and dropped if the server went away;
+- when every host is in its ``retry_interval``, Postfix answers RETRY without
+  trying until an interval ends (60 s by default); we let one lookup try the
+  host that failed first once the shared :class:`~..backoff.Backoff` allows
+  (0.05 s after a failure, doubling to 0.5 s), so a server that comes back is
+  used again within a second while a dead one sees a few attempts per second.
+
+Any failure is RETRY to the client (never "not found"), with a log line that
+names the table, the host and the cause; host labels never show a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Hashable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from logging import Logger
+from typing import Any, ClassVar, Generic, TypeVar
+
+from ..backoff import Backoff
+from ..base import TableError, TableRetry
+from .query import Quote, Rows
+
+C = TypeVar("C")
+T = TypeVar("T")
+
+#: Seconds a connection lives at most (PgBouncer's server_lifetime default).
+MAX_LIFETIME = 3600.0
+#: Seconds idle after which a connection is pinged before it is used.
+CHECK_AFTER = 1.0
+
+#: Kinds of host, in the order Postfix prefers them.
+UNIX, INET, URI = 0, 1, 2
+
+#: Builds the query once the connection's quoting is known; None: nothing to ask.
+SqlFor = Callable[[Quote], bytes | None]
+
+
+class ConnectFailed(Exception):
+    """No connection could be made to a host; ``str()`` is the cause."""
+
+
+class QueryFailed(Exception):
+    """The query failed on a connection; ``str()`` is the cause. As in Postfix, the
+    host is then skipped for ``retry_interval`` and the lookup tries the next one."""
+
+
+@dataclass(eq=False)
+class Host(Generic[T]):
+    """One entry of ``hosts`` and its failover state."""
+
+    label: str  # as logged: as written, without any password
+    kind: int  # UNIX, INET or URI
+    target: T  # what the backend connects to
+    failed_until: float | None = None  # loop time until which it is skipped
+    cause: str = ""  # why it failed last
+    conns: int = 0  # connections open to it (Postfix's "active" host)
+
+
+class Backend(ABC, Generic[C]):
+    """What a database driver supplies to the pool."""
+
+    name: ClassVar[str]  # "pgsql", as in Postfix's log lines
+    what: ClassVar[str] = "server"  # what a host is, in log lines
+
+    @abstractmethod
+    async def connect(self, host: Host[Any]) -> C:
+        """A new connection; ConnectFailed when the host cannot be used."""
+
+    @abstractmethod
+    async def query(self, conn: C, sql_for: SqlFor) -> Rows:
+        """Quote and run the query; QueryFailed, or a TableError for this lookup only."""
+
+    @abstractmethod
+    async def ping(self, conn: C) -> None:
+        """Raise QueryFailed when the connection no longer works."""
+
+    @abstractmethod
+    def close(self, conn: C) -> None:
+        """Close now, without waiting for the server."""
+
+    def shutdown(self) -> None:
+        """Release what the backend holds besides connections (threads)."""
+
+
+@dataclass(eq=False)
+class _Conn(Generic[C]):
+    raw: C
+    host: Host[Any]
+    born: float
+    used: float
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class Pool(Generic[C]):
+    """Connections to one set of hosts, shared by every table with the same settings."""
+
+    def __init__(
+        self,
+        backend: Backend[C],
+        hosts: list[Host[Any]],
+        log: Logger,
+        *,
+        size: int,
+        wait: float,
+        idle: float,
+        retry_interval: float,
+    ) -> None:
+        self.backend = backend
+        self.hosts = hosts
+        self.size = max(1, size)
+        self._log = log
+        self._wait = wait
+        self._max_idle = idle
+        self._retry_interval = retry_interval
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: list[_Conn[C]] = []
+        self._waiters: deque[asyncio.Future[_Conn[C] | None]] = deque()
+        self._live = 0  # slots in use: connections open, being opened or being closed
+        self._pending: set[asyncio.Task[Any]] = set()  # abandoned work, ending on its own
+        self._closed = False
+        self._backoff = Backoff()  # paces attempts while every host is down
+
+    async def run(self, table: str, sql_for: SqlFor, timeout: float) -> Rows:
+        """The rows the query returns, from the first host that answers; TableRetry when
+        none does by the deadline. ``table`` names the table in log lines."""
+        loop = self._bind()
+        deadline = loop.time() + timeout
+        tried: set[Host[Any]] = set()
+        while True:
+            conn = await self._acquire(table, deadline, tried)
+            task = asyncio.ensure_future(self.backend.query(conn.raw, sql_for))
+            try:
+                rows = await self._settle(task, deadline)
+            except (TimeoutError, asyncio.CancelledError) as e:
+                self._later(task, lambda _, c=conn: self._dispose(c))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                cause = f"query timed out after {timeout:g} s"
+                self._host_failed(conn.host, cause)
+                raise TableRetry(f"{table}: {self._where(conn.host)}: {cause}") from None
+            except QueryFailed as e:
+                self._dispose(conn)
+                self._warn_host_failed(table, "query failed on", conn.host, str(e))
+                tried.add(conn.host)
+                continue
+            except TableError as e:
+                self._release(conn)
+                raise type(e)(f"{table}: {self._where(conn.host)}: {e}") from e
+            except BaseException:
+                self._dispose(conn)
+                raise
+            self._release(conn)
+            return rows
+
+    def _where(self, host: Host[Any]) -> str:
+        return f"{self.backend.name} {self.backend.what} {host.label}"
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (tests): old connections are unusable
+            for conn in self._idle:
+                self._close(conn)
+            self._loop, self._idle, self._waiters, self._live = loop, [], deque(), 0
+            self._pending.clear()
+            for host in self.hosts:
+                host.conns = 0
+        return loop
+
+    async def _settle(self, task: asyncio.Task[T], until: float) -> T:
+        """The task's result by ``until``. Otherwise cancel it and raise TimeoutError
+        (CancelledError when we are cancelled): the caller leaves it to end on its own."""
+        assert self._loop is not None
+        try:
+            done, _ = await asyncio.wait((task,), timeout=max(0.0, until - self._loop.time()))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            raise TimeoutError
+        return task.result()
+
+    def _later(self, task: asyncio.Task[T], cleanup: Callable[[asyncio.Task[T]], None]) -> None:
+        """Run ``cleanup`` when an abandoned task ends; keep it referenced until then."""
+
+        def done(finished: asyncio.Task[T]) -> None:
+            self._pending.discard(finished)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: nobody else will
+            cleanup(finished)
+
+        self._pending.add(task)
+        task.add_done_callback(done)
+
+    # --- getting a connection ---------------------------------------------------------
+
+    async def _acquire(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
+        assert self._loop is not None
+        while self._idle:
+            conn = self._idle.pop()
+            self._cancel_timer(conn)
+            if not self._reusable(conn) or conn.host in tried:
+                self._dispose(conn)
+            elif self._loop.time() - conn.used < CHECK_AFTER or await self._alive(
+                table, conn, deadline
+            ):
+                return conn
+        if self._live < self.size:
+            self._live += 1
+            return await self._open(table, deadline, tried)
+        return await self._wait_for_slot(table, deadline, tried)
+
+    async def _alive(self, table: str, conn: _Conn[C], deadline: float) -> bool:
+        """Ping a connection that sat idle; False (and it is gone) when that fails."""
+        task = asyncio.ensure_future(self.backend.ping(conn.raw))
+        try:
+            await self._settle(task, deadline)
+        except (TimeoutError, asyncio.CancelledError) as e:
+            self._later(task, lambda _: self._dispose(conn))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            cause = "no answer to a health check"
+            self._host_failed(conn.host, cause)
+            raise TableRetry(f"{table}: {self._where(conn.host)}: {cause}") from None
+        except QueryFailed:
+            self._dispose(conn)
+            return False
+        except BaseException:
+            self._dispose(conn)
+            raise
+        return True
+
+    async def _wait_for_slot(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
+        """Wait in line for a connection someone releases, or for a free slot."""
+        assert self._loop is not None
+        waiter: asyncio.Future[_Conn[C] | None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        started = self._loop.time()
+        try:
+            async with asyncio.timeout_at(min(deadline, started + self._wait)):
+                given = await waiter
+        except BaseException as e:
+            if waiter.done() and not waiter.cancelled():  # handed over just too late
+                late = waiter.result()
+                if late is None:
+                    self._free_slot()
+                else:
+                    self._release(late)
+            else:
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(e, TimeoutError):
+                waited = self._loop.time() - started
+                raise TableRetry(
+                    f"{table}: no free {self.backend.name} connection after {waited:.3g} s "
+                    f"({self.size} in use)"
+                ) from None
+            raise
+        if given is not None:
+            if self._reusable(given) and given.host not in tried:
+                return given
+            self._close(given)  # keep its slot for a new connection
+        return await self._open(table, deadline, tried)
+
+    async def _open(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
+        """Connect in a slot already counted; the slot is freed when this fails, or
+        stays with a connect attempt that is left to end on its own."""
+        assert self._loop is not None
+        while True:
+            try:
+                host = self._pick(table, tried)
+            except BaseException:
+                self._free_slot()
+                raise
+            task = asyncio.ensure_future(self.backend.connect(host))
+            try:
+                raw = await self._settle(task, deadline)
+            except (TimeoutError, asyncio.CancelledError) as e:
+                self._later(task, self._connect_abandoned)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                self._host_failed(host, "connection timed out")
+                raise TableRetry(f"{table}: connect to {self._where(host)}: timed out") from None
+            except ConnectFailed as e:
+                self._warn_host_failed(table, "connect to", host, str(e))
+                tried.add(host)
+                continue
+            except BaseException:
+                self._free_slot()
+                raise
+            now = self._loop.time()
+            for same in self.hosts:  # a server listed twice answers for both entries
+                if same.target == host.target:
+                    same.failed_until, same.cause = None, ""
+            host.conns += 1
+            self._backoff.succeeded()
+            return _Conn(raw, host, now, now)
+
+    def _connect_abandoned(self, task: asyncio.Task[C]) -> None:
+        """A connect we stopped waiting for ended: close what it made, free its slot."""
+        if not task.cancelled() and task.exception() is None:
+            with suppress(Exception):
+                self.backend.close(task.result())
+        self._free_slot()
+
+    def _pick(self, table: str, tried: set[Host[Any]]) -> Host[Any]:
+        """The host to connect to next, chosen as Postfix's dict_*_get_active() does."""
+        assert self._loop is not None
+        if self._closed:
+            raise TableRetry(f"{table}: the table was closed")
+        now = self._loop.time()
+        usable = [
+            h
+            for h in self.hosts
+            if h not in tried and (h.failed_until is None or h.failed_until < now)
+        ]
+        if usable:
+            choice = [h for h in usable if h.conns and h.failed_until is None] or usable
+            best = min(h.kind for h in choice)
+            return random.choice([h for h in choice if h.kind == best])
+        if tried or self._backoff.blocked() is not None:
+            causes = "; ".join(dict.fromkeys(f"{h.label}: {h.cause}" for h in self.hosts))
+            what = f"{self.backend.name} {self.backend.what}"
+            raise TableRetry(f"{table}: no {what} available ({causes})")
+        # Every host is in its retry interval: try the one whose interval ends first.
+        return min(self.hosts, key=lambda h: h.failed_until or 0.0)
+
+    # --- giving connections back --------------------------------------------------------
+
+    def _reusable(self, conn: _Conn[C]) -> bool:
+        assert self._loop is not None
+        return (
+            not self._closed
+            and conn.host.failed_until is None
+            and self._loop.time() - conn.born < MAX_LIFETIME
+        )
+
+    def _release(self, conn: _Conn[C]) -> None:
+        assert self._loop is not None
+        conn.used = self._loop.time()
+        if not self._reusable(conn):
+            self._dispose(conn)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+        wait = min(self._max_idle, MAX_LIFETIME - (conn.used - conn.born))
+        conn.timer = self._loop.call_later(wait, self._expire, conn)
+
+    def _expire(self, conn: _Conn[C]) -> None:
+        """An idle connection reached its idle or age limit."""
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._dispose(conn)
+
+    @staticmethod
+    def _cancel_timer(conn: _Conn[C]) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def _close(self, conn: _Conn[C]) -> None:
+        """Close a connection but keep its slot."""
+        self._cancel_timer(conn)
+        conn.host.conns -= 1
+        with suppress(Exception):  # a connection of a closed event loop, say
+            self.backend.close(conn.raw)
+
+    def _dispose(self, conn: _Conn[C]) -> None:
+        self._close(conn)
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the waiter, still counted
+                return
+        self._live -= 1
+
+    def _host_failed(self, host: Host[Any], cause: str) -> None:
+        """Skip the host for retry_interval and close its idle connections."""
+        assert self._loop is not None
+        host.failed_until = self._loop.time() + self._retry_interval
+        host.cause = cause
+        self._backoff.failed(cause)
+        for conn in [c for c in self._idle if c.host is host]:
+            self._idle.remove(conn)
+            self._dispose(conn)
+
+    def _warn_host_failed(self, table: str, what: str, host: Host[Any], cause: str) -> None:
+        self._log.warning("%s: %s %s: %s", table, what, self._where(host), cause)
+        self._host_failed(host, cause)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pool_in_use": self._live - len(self._idle),
+            "pool_idle": len(self._idle),
+            "pool_waiting": sum(not w.done() for w in self._waiters),
+        }
+
+    def close(self) -> None:
+        """Close idle connections now, busy ones when their lookup ends."""
+        self._closed = True
+        for conn in self._idle:
+            self._dispose(conn)
+        self._idle.clear()
+        self.backend.shutdown()
+
+
+_lock = threading.Lock()  # tables are opened in worker threads
+_shared: dict[Hashable, tuple[Pool[Any], int]] = {}
+
+
+def share(key: Hashable, make: Callable[[], Pool[Any]]) -> Pool[Any]:
+    """The pool for ``key`` (every setting that makes connections differ), made by
+    ``make`` for its first user; release it with :func:`unshare`."""
+    with _lock:
+        pool, users = _shared.get(key, (None, 0))
+        if pool is None:
+            pool = make()
+        _shared[key] = (pool, users + 1)
+        return pool
+
+
+def unshare(key: Hashable) -> None:
+    """One table stopped using the pool for ``key``; the last one closes it."""
+    with _lock:
+        pool, users = _shared[key]
+        if users > 1:
+            _shared[key] = (pool, users - 1)
+            return
+        del _shared[key]
+    pool.close()

@@ -1,0 +1,119 @@
+"""The connection pool: never more connections than max_connections, as the server counts
+them; a bounded wait in line; idle connections closed; one pool per connection setting."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from pyproxymap.tables.base import TableRetry
+from tests.backends.conftest import Database, lookup, open_table, run
+
+pytestmark = pytest.mark.backends
+
+#: Sleeps 50 ms, then answers with the number of connections open to this database.
+COUNTING = {
+    "pgsql": "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())"
+    "::text FROM pg_sleep(0.05) WHERE '%s' <> ''",
+    "mysql": "SELECT (SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE()) "
+    "FROM (SELECT SLEEP(0.05)) AS s WHERE '%s' <> ''",
+}
+SLOW = {
+    "pgsql": "SELECT 'slow' FROM pg_sleep(0.5) WHERE '%s' <> ''",
+    "mysql": "SELECT 'slow' FROM (SELECT SLEEP(0.5)) AS s WHERE '%s' <> ''",
+}
+
+
+@pytest.fixture(params=["pgsql", "mysql"])
+def server_db(request: pytest.FixtureRequest) -> Database:
+    return request.getfixturevalue({"pgsql": "postgres", "mysql": "mariadb"}[request.param])
+
+
+def test_fifty_concurrent_lookups_never_exceed_max_connections(
+    server_db: Database, tmp_path: Path
+) -> None:
+    cf = server_db.cf(tmp_path / "count.cf", query=COUNTING[server_db.kind])
+    keys = [f"user{i}@example.com".encode() for i in range(50)]
+
+    async def scenario() -> list[int]:
+        # Connections of the test's own helpers close asynchronously: wait for none.
+        probe = open_table(server_db.kind, cf, max_connections=1)
+        try:
+            deadline = time.monotonic() + 5
+            while int(await lookup(probe, b"x@y") or 0) > 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            probe.close()
+        table = open_table(server_db.kind, cf, max_connections=3, pool_wait=10)
+        try:
+            seen = await asyncio.gather(*(lookup(table, key) for key in keys))
+            assert table.stats()["pool_in_use"] == 0 and table.stats()["pool_idle"] == 3
+        finally:
+            table.close()
+        return [int(count or 0) for count in seen]
+
+    counts = run(scenario())
+    assert len(counts) == 50
+    assert max(counts) <= 3, counts
+    assert max(counts) >= 2, counts  # the lookups did run side by side
+
+
+def test_pool_wait_times_out_as_retry(server_db: Database, tmp_path: Path) -> None:
+    cf = server_db.cf(tmp_path / "slow.cf", query=SLOW[server_db.kind])
+
+    async def scenario() -> list[bytes | BaseException | None]:
+        table = open_table(server_db.kind, cf, max_connections=1, pool_wait=0.1)
+        try:
+            return await asyncio.gather(
+                lookup(table, b"a@x"), lookup(table, b"b@x"), return_exceptions=True
+            )
+        finally:
+            table.close()
+
+    first, second = run(scenario())
+    assert first == b"slow"
+    assert isinstance(second, TableRetry)
+    assert f"no free {server_db.kind} connection after" in str(second)
+
+
+def test_idle_connections_are_closed(postgres: Database, tmp_path: Path) -> None:
+    """idle_interval (Postfix 3.9) closes unused connections; the next lookup reconnects."""
+    table_name = f"idle_{secrets.token_hex(3)}"
+    postgres.execute(
+        f"CREATE TABLE {table_name} (k text)", f"INSERT INTO {table_name} VALUES ('k')"
+    )
+    cf = postgres.cf(
+        tmp_path / "idle.cf", query=f"SELECT k FROM {table_name} WHERE k='%s'", idle_interval="1"
+    )
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf)
+        try:
+            assert await lookup(table, b"k") == b"k"
+            assert table.stats()["pool_idle"] == 1
+            await asyncio.sleep(1.1)
+            assert table.stats()["pool_idle"] == 0
+            assert await lookup(table, b"k") == b"k"
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_tables_with_the_same_settings_share_a_pool(sqlite_db: Database, tmp_path: Path) -> None:
+    sqlite_db.execute("CREATE TABLE IF NOT EXISTS shared (k text)")
+    one = sqlite_db.cf(tmp_path / "one.cf", query="SELECT k FROM shared WHERE k='%s'")
+    two = sqlite_db.cf(tmp_path / "two.cf", query="SELECT 1 FROM shared WHERE k='%s'")
+    a, b = open_table("sqlite", one), open_table("sqlite", two)
+    c = open_table("sqlite", one, max_connections=2)
+    try:
+        assert a.pool is b.pool  # type: ignore[attr-defined]
+        assert a.pool is not c.pool  # type: ignore[attr-defined]
+    finally:
+        for table in (a, b, c):
+            table.close()
