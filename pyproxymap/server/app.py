@@ -87,6 +87,7 @@ class ProxymapServer:
         self._listeners = dict(listeners or {})
         self._servers: list[asyncio.Server] = []
         self._watchers: list[asyncio.Task[None]] = []
+        self._accepting = True
         self.started = time.time()
         self.reloads = 0  # configurations swapped in
         self.worker_restarts = 0  # stays 0 until there are worker processes
@@ -171,10 +172,31 @@ class ProxymapServer:
         asyncio.get_running_loop().call_later(self.settings.shutdown_grace, close_dropped)
         return len(dropped)
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
+    async def stop_accepting(self) -> None:
+        """Accept no more, without losing a connection accepted a moment ago.
+
+        asyncio's selector loop makes a connection's transport in a task started
+        after accept(); when Server.close() runs before that task, the transport
+        cannot attach to the closed server (an AssertionError asyncio swallows) and
+        the client hangs until we exit. So: stop watching the listening socket, let
+        the pending tasks run, then close.
+        """
+        if not self._accepting:
+            return
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        for server in self._servers:
+            for sock in server.sockets:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(sock.fileno())
+        for _ in range(2):
+            await asyncio.sleep(0)
         for server in self._servers:
             server.close()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
+        await self.stop_accepting()
         for task in self._watchers:
             task.cancel()
         for session in list(self.sessions):

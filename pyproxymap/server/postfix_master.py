@@ -21,7 +21,7 @@ in mid-conversation, get until they hang up or fall silent (``QUIET_SECONDS``);
 older, daemon-held connections are closed as soon as nothing is in flight, and
 their clients reconnect to the next child. (multi_server exits at once,
 cutting requests off; its clients sleep 1 s and retry.) The standard asyncio
-loop is used, not uvloop: see ``_MasterServer.stop_accepting``.
+loop is used, not uvloop: see ``ProxymapServer.stop_accepting``.
 
 Availability. master forks another child only when a client is waiting on the
 listening socket and no child of the service is AVAIL; a child counts as AVAIL
@@ -510,7 +510,6 @@ class _MasterServer(ProxymapServer):
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._tracked: dict[Session, _Tracked] = {}
-        self._accepting = True
 
     def _session(self, slot: ServiceSlot) -> _Tracked:  # type: ignore[override]
         session = super()._session(slot)
@@ -526,28 +525,6 @@ class _MasterServer(ProxymapServer):
         session.on_lost = lost
         self._on_connect()
         return tracked
-
-    async def stop_accepting(self) -> None:
-        """Accept no more, without losing a connection accepted a moment ago.
-
-        asyncio's selector loop makes a connection's transport in a task started
-        after accept(); when Server.close() runs before that task, the transport
-        cannot attach to the closed server (an AssertionError asyncio swallows) and
-        the client hangs until we exit. So: stop watching the listening socket, let
-        the pending tasks run, then close.
-        """
-        if not self._accepting:
-            return
-        self._accepting = False
-        loop = asyncio.get_running_loop()
-        for server in self._servers:
-            for sock in server.sockets:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(sock.fileno())
-        for _ in range(2):
-            await asyncio.sleep(0)
-        for server in self._servers:
-            server.close()
 
     async def stop(self) -> None:
         """ProxymapServer.stop, after closing each connection at a safe moment.
