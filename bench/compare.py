@@ -171,8 +171,11 @@ def build_table(kind: str, nkeys: int, cache: Path = CACHE_DIR) -> str:
 
 # ---------------------------------------------------------------- Postfix
 @contextmanager
-def throwaway_postfix(top: Path, table: str) -> Iterator[Target]:
-    """A private Postfix instance (own config, queue, data dirs and master)."""
+def throwaway_postfix(top: Path, table: str, extra_maps: tuple[str, ...] = ()) -> Iterator[Target]:
+    """A private Postfix instance (own config, queue, data dirs and master).
+
+    ``extra_maps`` (``TYPE:NAME``) are added to its proxy_read_maps.
+    """
     etc, spool, data = top / "etc", top / "spool", top / "data"
     etc.mkdir(parents=True)
     spool.mkdir(mode=0o755)  # must exist; data/ must not (postfix check creates it)
@@ -191,7 +194,7 @@ local_recipient_maps =
 syslog_name = postfix-pyproxymap-bench
 maillog_file = {top}/maillog
 maillog_file_prefixes = {top}
-proxy_read_maps = proxy:{table}
+proxy_read_maps = {" ".join(f"proxy:{t}" for t in (table, *extra_maps))}
 """
     )
     (etc / "master.cf").write_text(
@@ -269,18 +272,21 @@ def our_server(
     cmd_fmt: str,
     ready: str | None = "",
     poll: float = 0.1,
+    toml: str = "",
 ) -> Iterator[Target]:
     """Our server in the foreground, on its own queue directory; SIGTERM at the end.
 
     ``tables`` (``TYPE:PATH``) are its proxy_read_maps. It is ready when the first
     of them opens, or ``ready`` if given (``None``: when the socket answers, with
-    no table opened).
+    no table opened). ``toml``, if given, is written as ``pyproxymap.toml``.
     """
     etc, spool = top / "etc", top / "spool"
     etc.mkdir(parents=True)
     (spool / "private").mkdir(parents=True, mode=0o700)
     maps = " ".join(f"proxy:{t}" for t in tables)
     (etc / "main.cf").write_text(f"queue_directory = {spool}\nproxy_read_maps = {maps}\n")
+    if toml:
+        (etc / "pyproxymap.toml").write_text(toml)
     cmd = shlex.split(cmd_fmt.format(bindir=Path(sys.executable).parent, conf=etc))
     log = top / "server.log"
     try:

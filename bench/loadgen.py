@@ -9,6 +9,8 @@ reply is compared byte for byte with the expected ``value-<i>`` answer.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import multiprocessing as mp
 import os
 import queue
@@ -124,6 +126,28 @@ class Load:
     nkeys: int
     warmup: int = 200
     seed: int = 1
+    zipf_s: float = 0.0  # 0: uniform keys; else zipf with this exponent (key 0 most popular)
+
+
+@functools.cache
+def zipf_cdf(n: int, s: float) -> array:
+    """Cumulative distribution of ranks 0..n-1 with weight 1/(rank+1)**s, last = 1.0."""
+    cdf, total = array("d"), 0.0
+    for k in range(1, n + 1):
+        total += k**-s
+        cdf.append(total)
+    for k in range(n):
+        cdf[k] /= total
+    return cdf
+
+
+def key_picker(load: Load, idx: int) -> Callable[[], int]:
+    """Random key indices for connection ``idx``: uniform, or zipf via bisect on the CDF."""
+    rng = random.Random(load.seed * 100_003 + idx)
+    if not load.zipf_s:
+        return functools.partial(rng.randrange, load.nkeys)
+    cdf, rnd, last = zipf_cdf(load.nkeys, load.zipf_s), rng.random, load.nkeys - 1
+    return lambda: min(bisect.bisect_right(cdf, rnd()), last)
 
 
 def _worker(idx: int, load: Load, barrier: Any, deadline: Any, q: Any) -> None:
@@ -136,11 +160,10 @@ def _worker(idx: int, load: Load, barrier: Any, deadline: Any, q: Any) -> None:
 
 
 def _run_worker(idx: int, load: Load, barrier: Any, deadline: Any) -> dict[str, Any]:
-    rand = random.Random(load.seed * 100_003 + idx).randrange
-    n = load.nkeys
+    rand = key_picker(load, idx)
     sock = connect(load.socket, load.table)
     for _ in range(load.warmup):
-        i = rand(n)
+        i = rand()
         if lookup(sock, load.table, KEY_FMT.format(i=i)) != (0, VALUE_FMT.format(i=i).encode()):
             raise RuntimeError(f"wrong answer for key {i} during warm-up")
     # The hot loop builds request and expected reply with %-formatting: cheap,
@@ -159,7 +182,7 @@ def _run_worker(idx: int, load: Load, barrier: Any, deadline: Any) -> dict[str, 
     end = deadline.value
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     while True:
-        i = rand(n)
+        i = rand()
         t0 = now()
         send(req_fmt % i)
         buf = recv(4096)
@@ -320,6 +343,8 @@ def _pct(sorted_vals: array, p: float) -> float:
 
 def run_row(load: Load, conns: int, duration: float, meter: CpuMeter) -> dict[str, Any]:
     """Run ``conns`` client processes for ``duration`` s; return one result row."""
+    if load.zipf_s:
+        zipf_cdf(load.nkeys, load.zipf_s)  # once, before forking: children share it
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     deadline = ctx.RawValue("d", 0.0)
