@@ -584,7 +584,9 @@ def test_real_master_reload_under_load_loses_no_lookup(instance, record_property
 def test_real_master_stop_ends_our_children(instance):
     assert instance.postmap("k1").returncode == 0
     assert libpostfix(instance.conf, "environ:env", "get", "x", "--write")[0]["op"] == "get"
-    assert len(instance.children()) >= 2
+    # At least one of ours runs (a proxymap child may just have exited at max_use after
+    # the reload test's load; master starts the next one on demand).
+    assert instance.children()
     instance.postfix("stop")
     deadline = time.monotonic() + 10
     while instance.children() and time.monotonic() < deadline:
