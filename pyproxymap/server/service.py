@@ -99,8 +99,9 @@ class Service:
         if op == SEQUENCE and req.function not in (SEQ_FIRST, SEQ_NEXT):
             self.log.warning("sequence request with bad function %d", req.function)
             return self._reply(req, Status.BAD)
-        if req.flags & OPEN_LOCK and req.flags & LOCK:
-            # Postfix's dict_open panics on this combination; no real client sends it.
+        if op == OPEN and req.flags & OPEN_LOCK and req.flags & LOCK:
+            # Postfix's dict_open panics when a table is opened with both; no real client
+            # sends LOCK in an open (verify(8) sends both in its updates, which is fine).
             self.log.warning(
                 "%s request for %s with both open lock and access lock flags", op, name
             )

@@ -146,12 +146,12 @@ def test_open_reply_flags_as_postfix_and_learning(conf, server, kind):
         assert c.open(table).flags == multi_writer | learned
 
 
-def test_lmdb_on_proxywrite_opens_with_multi_writer_and_refuses_writes_for_now(conf, server):
+def test_lmdb_on_proxywrite_opens_with_multi_writer_and_takes_writes(conf, server):
     table = f"lmdb:{conf}/lmdb"
     with Client(server.socket("proxywrite")) as c:
         assert c.open(table, 0x10000).flags & 0x40000  # OPEN_LOCK instance, as verify(8)
         assert c.request(LOOKUP, table, key=b"alice@example.com").value == b"alice-value"
-        assert c.request(UPDATE, table, key=b"k", value=b"v").status == Status.CONFIG
+        assert c.request(UPDATE, table, key=b"k", value=b"v").status == Status.OK
 
 
 def test_missing_file_is_a_temporary_error_not_a_miss(conf, server):

@@ -279,14 +279,6 @@ def test_cdb_is_read_only_and_has_no_sequence(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["hash", "btree", "lmdb"])
-def test_writable_open_reads_but_does_not_write_yet(tmp_path: Path, kind: str) -> None:
-    table = open_table(kind, WRITERS[kind](tmp_path / "t", {b"k\0": b"v\0"}), writable=True)
-    assert answer(table.lookup(b"k", 0)) == b"v"
-    with pytest.raises(Unsupported):
-        table.update(b"k", b"w", 0)
-
-
-@pytest.mark.parametrize("kind", ["hash", "btree", "lmdb"])
 def test_sequence(tmp_path: Path, kind: str) -> None:
     records = {b"a\0": b"1\0", b"b": b"2", b"c\0": b"3\0"}
     table = open_table(kind, WRITERS[kind](tmp_path / "t", records))
