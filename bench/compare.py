@@ -171,10 +171,13 @@ def build_table(kind: str, nkeys: int, cache: Path = CACHE_DIR) -> str:
 
 # ---------------------------------------------------------------- Postfix
 @contextmanager
-def throwaway_postfix(top: Path, table: str, extra_maps: tuple[str, ...] = ()) -> Iterator[Target]:
+def throwaway_postfix(
+    top: Path, table: str, extra_maps: tuple[str, ...] = (), write_maps: tuple[str, ...] = ()
+) -> Iterator[Target]:
     """A private Postfix instance (own config, queue, data dirs and master).
 
-    ``extra_maps`` (``TYPE:NAME``) are added to its proxy_read_maps.
+    ``extra_maps`` (``TYPE:NAME``) are added to its proxy_read_maps; ``write_maps``,
+    if any, are its proxy_write_maps, served by a proxywrite service (process limit 1).
     """
     etc, spool, data = top / "etc", top / "spool", top / "data"
     etc.mkdir(parents=True)
@@ -196,9 +199,11 @@ maillog_file = {top}/maillog
 maillog_file_prefixes = {top}
 proxy_read_maps = {" ".join(f"proxy:{t}" for t in (table, *extra_maps))}
 """
+        + (f"proxy_write_maps = {' '.join(f'proxy:{t}' for t in write_maps)}\n" * bool(write_maps))
     )
     (etc / "master.cf").write_text(
         "postlog    unix-dgram n - n - 1 postlogd\nproxymap   unix - - n - - proxymap\n"
+        + ("proxywrite unix - - n - 1 proxymap\n" if write_maps else "")
     )
     postfix = f"{POSTFIX_SBIN}/postfix"
     try:
@@ -273,10 +278,12 @@ def our_server(
     ready: str | None = "",
     poll: float = 0.1,
     toml: str = "",
+    write_maps: tuple[str, ...] = (),
 ) -> Iterator[Target]:
     """Our server in the foreground, on its own queue directory; SIGTERM at the end.
 
-    ``tables`` (``TYPE:PATH``) are its proxy_read_maps. It is ready when the first
+    ``tables`` (``TYPE:PATH``) are its proxy_read_maps, ``write_maps`` its
+    proxy_write_maps. It is ready when the first
     of them opens, or ``ready`` if given (``None``: when the socket answers, with
     no table opened). ``toml``, if given, is written as ``pyproxymap.toml``.
     """
@@ -284,7 +291,11 @@ def our_server(
     etc.mkdir(parents=True)
     (spool / "private").mkdir(parents=True, mode=0o700)
     maps = " ".join(f"proxy:{t}" for t in tables)
-    (etc / "main.cf").write_text(f"queue_directory = {spool}\nproxy_read_maps = {maps}\n")
+    wmaps = " ".join(f"proxy:{t}" for t in write_maps)
+    (etc / "main.cf").write_text(
+        f"queue_directory = {spool}\nproxy_read_maps = {maps}\n"
+        + (f"proxy_write_maps = {wmaps}\n" if write_maps else "")
+    )
     if toml:
         (etc / "pyproxymap.toml").write_text(toml)
     cmd = shlex.split(cmd_fmt.format(bindir=Path(sys.executable).parent, conf=etc))

@@ -27,6 +27,9 @@ from typing import Any
 ANNOUNCE = b"protocol\0proxymap_protocol\0\0"
 #: Lookup flags postmap -q sends with smtputf8_enable=yes: UTF8_REQUEST|LOCK|DUP_WARN.
 LOOKUP_FLAGS = 524353
+#: What verify(8) sends to proxywrite (open, lookup and update alike):
+#: UTF8_REQUEST|OPEN_LOCK|SYNC_UPDATE|DUP_REPLACE|LOCK.
+WRITE_FLAGS = 590272
 KEY_FMT = "user{i}@example.com"
 VALUE_FMT = "value-{i}"
 IO_TIMEOUT = 30.0
@@ -73,7 +76,7 @@ def read_record(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
     return buf[:end], buf[end:]
 
 
-def connect(path: str, table: str) -> socket.socket:
+def connect(path: str, table: str, flags: int = 0) -> socket.socket:
     """Connect, check the announcement and send ``open`` as dict_proxy does."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(IO_TIMEOUT)
@@ -81,34 +84,36 @@ def connect(path: str, table: str) -> socket.socket:
     rec, rest = read_record(sock)
     if rec != ANNOUNCE or rest:
         raise ConnectionError(f"unexpected announcement {rec + rest!r}")
-    sock.sendall(encode(("request", "open"), ("table", table), ("flags", 0)))
+    sock.sendall(encode(("request", "open"), ("table", table), ("flags", flags)))
     rec, _ = read_record(sock)
     if decode(rec).get(b"status") != b"0":
         raise ConnectionError(f"open {table} failed: {rec!r}")
     return sock
 
 
-def lookup(sock: socket.socket, table: str, key: str) -> tuple[int, bytes]:
+def lookup(
+    sock: socket.socket, table: str, key: str, flags: int = LOOKUP_FLAGS
+) -> tuple[int, bytes]:
     """One lookup; returns (status, value)."""
-    sock.sendall(
-        encode(("request", "lookup"), ("table", table), ("flags", LOOKUP_FLAGS), ("key", key))
-    )
+    sock.sendall(encode(("request", "lookup"), ("table", table), ("flags", flags), ("key", key)))
     rec, _ = read_record(sock)
     d = decode(rec)
     return int(d.get(b"status", b"-1")), d.get(b"value", b"")
 
 
-def check_answers(path: str, table: str, nkeys: int) -> list[str]:
+def check_answers(
+    path: str, table: str, nkeys: int, open_flags: int = 0, flags: int = LOOKUP_FLAGS
+) -> list[str]:
     """Correctness guard: a few hits must return ``value-<i>``, a miss NOKEY."""
     problems = []
-    sock = connect(path, table)
+    sock = connect(path, table, open_flags)
     try:
         for i in sorted({0, 1, nkeys // 2, nkeys - 1, *random.sample(range(nkeys), 8)}):
-            got = lookup(sock, table, KEY_FMT.format(i=i))
+            got = lookup(sock, table, KEY_FMT.format(i=i), flags)
             want = (0, VALUE_FMT.format(i=i).encode())
             if got != want:
                 problems.append(f"key {i}: got {got!r}, want {want!r}")
-        got = lookup(sock, table, KEY_FMT.format(i=nkeys + 7))
+        got = lookup(sock, table, KEY_FMT.format(i=nkeys + 7), flags)
         if got[0] != 1:
             problems.append(f"missing key: got {got!r}, want status 1 (NOKEY)")
     finally:
@@ -127,6 +132,10 @@ class Load:
     warmup: int = 200
     seed: int = 1
     zipf_s: float = 0.0  # 0: uniform keys; else zipf with this exponent (key 0 most popular)
+    #: ``lookup``, or ``update`` (writes ``value-<i>`` under key i, expects status 0).
+    op: str = "lookup"
+    open_flags: int = 0  # WRITE_FLAGS for proxywrite, as verify(8) opens its cache
+    flags: int = LOOKUP_FLAGS  # of each lookup or update request
 
 
 @functools.cache
@@ -161,19 +170,29 @@ def _worker(idx: int, load: Load, barrier: Any, deadline: Any, q: Any) -> None:
 
 def _run_worker(idx: int, load: Load, barrier: Any, deadline: Any) -> dict[str, Any]:
     rand = key_picker(load, idx)
-    sock = connect(load.socket, load.table)
+    sock = connect(load.socket, load.table, load.open_flags)
     for _ in range(load.warmup):
         i = rand()
-        if lookup(sock, load.table, KEY_FMT.format(i=i)) != (0, VALUE_FMT.format(i=i).encode()):
+        want = (0, VALUE_FMT.format(i=i).encode())
+        if lookup(sock, load.table, KEY_FMT.format(i=i), load.flags) != want:
             raise RuntimeError(f"wrong answer for key {i} during warm-up")
     # The hot loop builds request and expected reply with %-formatting: cheap,
     # and no 100k-entry lists that 64 forked children would copy-on-write.
+    # An update writes value-<i> again, so lookups stay checkable in any order.
+    update = load.op == "update"
     req_head = (
-        b"request\0lookup\0table\0%s\0flags\0%d\0key\0" % (load.table.encode(), LOOKUP_FLAGS)
+        b"request\0%s\0table\0%s\0flags\0%d\0key\0"
+        % (load.op.encode(), load.table.encode(), load.flags)
         + KEY_FMT.split("{i}")[0].encode()
     )
-    req_fmt = req_head.replace(b"%", b"%%") + b"%d" + KEY_FMT.split("{i}")[1].encode() + b"\0\0"
-    rep_fmt = b"status\x000\x00value\x00" + VALUE_FMT.split("{i}")[0].encode() + b"%d\0\0"
+    req_fmt = req_head.replace(b"%", b"%%") + b"%d" + KEY_FMT.split("{i}")[1].encode() + b"\0"
+    if update:
+        req_fmt += b"value\0" + VALUE_FMT.split("{i}")[0].encode() + b"%d\0\0"
+        rep_fmt = b"status\x000\x00\x00"
+    else:
+        req_fmt += b"\0"
+        rep_fmt = b"status\x000\x00value\x00" + VALUE_FMT.split("{i}")[0].encode() + b"%d\0\0"
+    nuls = rep_fmt.count(b"\0")  # every NUL of a good reply; fewer means read on
     send, recv, now = sock.sendall, sock.recv, time.monotonic
     lat = array("d")
     record = lat.append
@@ -184,14 +203,14 @@ def _run_worker(idx: int, load: Load, barrier: Any, deadline: Any) -> dict[str, 
     while True:
         i = rand()
         t0 = now()
-        send(req_fmt % i)
+        send(req_fmt % (i, i) if update else req_fmt % i)
         buf = recv(4096)
-        while buf.count(b"\0") < 5:  # a lookup reply has exactly 5 NULs
+        while buf.count(b"\0") < nuls and record_end(buf) < 0:
             chunk = recv(4096)
             if not chunk:
                 raise ConnectionError("server closed the connection")
             buf += chunk
-        if buf != rep_fmt % i:
+        if buf != (rep_fmt if update else rep_fmt % i):
             bad += 1
             while record_end(buf) < 0:
                 chunk = recv(4096)
