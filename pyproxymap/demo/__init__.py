@@ -26,7 +26,9 @@ def instructions(root: Path) -> str:
     return f"""\
 pyproxymap demo: config dir {root}
 Tables approved in {root}/main.cf (proxy_read_maps):
-  texthash:{root}/virtual   inline:{{{{...}}}}   static:demo-static-answer
+  texthash:{root}/virtual
+  inline:{{postmaster=root, abuse=security-team}}
+  static:demo-static-answer
 Try, in another shell:
   pyproxymap query -c {root} texthash:{root}/virtual alice@example.com
   pyproxymap query -c {root} 'inline:{{postmaster=root, abuse=security-team}}' abuse
