@@ -1,8 +1,7 @@
 """pyproxymap as a child of Postfix's master(8): protocol units, a fake master, a real one.
 
 The real-master tests start a throwaway Postfix instance in a temp directory (its
-own config, queue and data directories, its own master; recipe in
-/work/shared/reference/master-protocol.md §5), with master.cf's proxymap and
+own config, queue and data directories, its own master), with master.cf's proxymap and
 proxywrite lines running our command, and look up through it with postmap and
 Postfix's client library. They need root (master runs as root) and the postfix
 account; code must be readable by mail_owner after the privilege drop, so the
