@@ -23,9 +23,9 @@ import os
 import struct
 import time
 
-from .base import OpenContext, TableConfigError, TableRetry
+from .base import OpenContext, TableRetry
 from .indexed import IndexedTable
-from .source import file_identity, printable, read_fd
+from .source import file_identity, printable, read_fd, refuse_writes
 
 HEADER = 2048  # 256 (position, slot count) pairs, one hash table each
 _PAIR = struct.Struct("<II")
@@ -44,8 +44,7 @@ class CdbTable(IndexedTable):
 
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
-        if ctx.writable:  # Postfix: only O_RDONLY, or O_WRONLY|O_CREAT|O_TRUNC (postmap)
-            raise TableConfigError(f"{printable(ctx.spec)} map requires O_RDONLY access mode")
+        refuse_writes(ctx)  # Postfix: only O_RDONLY, or O_WRONLY|O_CREAT|O_TRUNC (postmap)
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:

@@ -28,6 +28,7 @@ from .source import (
     logical_lines,
     printable,
     read_fd,
+    refuse_writes,
     rhs_files_to_b64,
     utf8_enabled,
 )
@@ -163,8 +164,7 @@ class CidrTable(Table):
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
         utf8 = utf8_enabled(ctx)
-        if ctx.writable:
-            raise TableConfigError(f"{printable(ctx.spec, utf8)} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         self._identity: tuple[int, int, int, int] | None = None
         if ctx.name.startswith("{"):
             data = self._inline_text(ctx.name)

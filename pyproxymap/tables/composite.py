@@ -19,7 +19,7 @@ from inspect import isawaitable
 
 from ..wire.proxymap import FIXED, PATTERN
 from .base import Maybe, OpenContext, Table, TableConfigError
-from .source import balpar, brace_tokens, printable
+from .source import balpar, brace_tokens, printable, refuse_writes
 from .utf8layer import key_rejected
 
 #: A lookup over components: yields each component's answer (maybe still to come),
@@ -33,8 +33,7 @@ class ComposedTable(Table):
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
         spec = printable(ctx.spec)
-        if ctx.writable:
-            raise TableConfigError(f"{spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         name = ctx.name
         length = balpar(name)
         inside = name[1 : length - 1] if 2 < length == len(name) else ""

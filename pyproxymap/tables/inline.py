@@ -16,6 +16,7 @@ from .source import (
     brace_tokens,
     extpar,
     printable,
+    refuse_writes,
     rhs_files_to_b64,
     split_qnameval,
     utf8_enabled,
@@ -29,8 +30,7 @@ class InlineTable(HashTable):
         super().__init__(ctx)
         utf8 = utf8_enabled(ctx)
         spec = printable(ctx.spec, utf8)
-        if ctx.writable:
-            raise TableConfigError(f"{spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         name = ctx.name
         need = 'need "inline:{name=value...}"'
         if utf8 and not valid_utf8(as_bytes(name)):

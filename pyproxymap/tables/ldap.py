@@ -40,7 +40,7 @@ from ..wire.proxymap import FIXED
 from .backoff import Backoff
 from .base import Maybe, OpenContext, Table, TableConfigError, TableRetry
 from .netclient import MAX_IDLE, MAX_TTL
-from .source import CHARS_COMMA_SP, as_bytes, printable, utf8_enabled, valid_utf8
+from .source import CHARS_COMMA_SP, as_bytes, printable, refuse_writes, utf8_enabled, valid_utf8
 from .sql.config import CfgFile
 from .sql.query import DomainList
 from .utf8layer import checked_value, key_rejected
@@ -417,8 +417,7 @@ class LdapTable(Table):
         super().__init__(ctx)
         self._utf8 = utf8_enabled(ctx)
         self._spec = printable(ctx.spec, self._utf8)
-        if ctx.writable:
-            raise TableConfigError(f"{self._spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         self._cfg = cfg = CfgFile(ctx.name, ctx.log)
         self._templates = _Templates(ctx.spec, ctx.log.warning)
         self.config = self._configure(cfg)

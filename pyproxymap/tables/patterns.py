@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from ..wire.proxymap import NO_REGSUB, PATTERN, SRC_RHS_IS_FILE
-from .base import Maybe, OpenContext, Table, TableConfigError, TableRetry
+from .base import Maybe, OpenContext, Table, TableRetry
 from .source import (
     WHITESPACE,
     Identity,
@@ -41,6 +41,7 @@ from .source import (
     logical_lines,
     printable,
     read_fd,
+    refuse_writes,
     rhs_files_to_b64,
     utf8_enabled,
 )
@@ -172,10 +173,7 @@ class PatternTable(Table):
         super().__init__(ctx)
         kind = self.dialect.kind
         self._utf8 = utf8_enabled(ctx)
-        if ctx.writable:
-            raise TableConfigError(
-                f"{printable(ctx.spec, self._utf8)} map requires O_RDONLY access mode"
-            )
+        refuse_writes(ctx)
         self._where = f"{kind} map {printable(ctx.name, self._utf8)}"
         self._identity: Identity | None = None
         if ctx.name.startswith("{"):

@@ -11,7 +11,15 @@ import random
 
 from ..wire.proxymap import PATTERN, SRC_RHS_IS_FILE
 from .base import OpenContext, Table, TableConfigError, TableRetry
-from .source import SourceError, as_bytes, balpar, brace_tokens, printable, rhs_files_to_b64
+from .source import (
+    SourceError,
+    as_bytes,
+    balpar,
+    brace_tokens,
+    printable,
+    refuse_writes,
+    rhs_files_to_b64,
+)
 from .utf8layer import checked_value, key_rejected
 
 
@@ -23,8 +31,7 @@ class RandmapTable(Table):
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
         spec = printable(ctx.spec)
-        if ctx.writable:
-            raise TableConfigError(f"{spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         name = ctx.name
         length = balpar(name)
         inside = name[1 : length - 1] if 2 < length == len(name) else ""

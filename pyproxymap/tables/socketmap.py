@@ -17,7 +17,7 @@ from ..wire.proxymap import PATTERN
 from ..wire.socketmap import Decoder, Fault, NetstringError, encode
 from .base import Maybe, OpenContext, Table, TableConfigError, TableRetry
 from .netclient import ConnectError, service_endpoint, share, unshare
-from .source import WHITESPACE, as_bytes, printable, utf8_enabled
+from .source import WHITESPACE, as_bytes, printable, refuse_writes, utf8_enabled
 from .utf8layer import checked_value, key_rejected
 
 #: Postfix's socketmap_max_query_size: longer keys are "not found".
@@ -48,8 +48,7 @@ class SocketmapTable(Table):
         super().__init__(ctx)
         self._utf8 = utf8_enabled(ctx)
         self._spec = printable(ctx.spec, self._utf8)
-        if ctx.writable:
-            raise TableConfigError(f"{self._spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         service, colon, mapname = ctx.name.rpartition(":")
         if not colon:
             raise TableConfigError("socketmap requires server:socketmap argument")

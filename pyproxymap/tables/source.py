@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from .base import OpenContext, ascii_fold
+from .base import OpenContext, TableConfigError, ascii_fold
 
 #: Postfix's ISSPACE() set, as str and bytes.
 WHITESPACE = " \t\n\v\f\r"
@@ -45,6 +45,13 @@ def utf8_enabled(ctx: OpenContext) -> bool:
     OpenContext carries this only as its choice of fold function.
     """
     return ctx.fold is not ascii_fold
+
+
+def refuse_writes(ctx: OpenContext) -> None:
+    """Postfix opens this type read-only: listed in proxy_write_maps, it is unavailable."""
+    if ctx.writable:
+        spec = printable(ctx.spec, utf8_enabled(ctx))
+        raise TableConfigError(f"{spec} map requires O_RDONLY access mode")
 
 
 def as_bytes(text: str) -> bytes:

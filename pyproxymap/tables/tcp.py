@@ -18,7 +18,7 @@ from ..wire.proxymap import PATTERN
 from ..wire.tcptable import LineReader, Reply, ReplyError, encode_request, parse_reply
 from .base import Maybe, OpenContext, Table, TableConfigError, TableRetry
 from .netclient import ConnectError, inet_endpoint, share, unshare
-from .source import printable, utf8_enabled
+from .source import printable, refuse_writes, utf8_enabled
 from .utf8layer import checked_value, key_rejected
 
 #: Postfix's DICT_TCP_MAXTRY: attempts to get a reply line before RETRY.
@@ -41,8 +41,7 @@ class TcpTable(Table):
         super().__init__(ctx)
         self._utf8 = utf8_enabled(ctx)
         self._spec = printable(ctx.spec, self._utf8)
-        if ctx.writable:
-            raise TableConfigError(f"{self._spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         try:
             endpoint = inet_endpoint(ctx.name, self._utf8)
         except ValueError as e:

@@ -7,13 +7,14 @@ import time
 from collections.abc import Iterator
 
 from ..wire.proxymap import SEQ_FIRST, SEQ_NEXT, SRC_RHS_IS_FILE
-from .base import OpenContext, Table, TableConfigError, TableRetry
+from .base import OpenContext, Table, TableRetry
 from .source import (
     SourceError,
     file_identity,
     logical_lines,
     printable,
     read_fd,
+    refuse_writes,
     rhs_files_to_b64,
     split_key_value,
     utf8_enabled,
@@ -56,8 +57,7 @@ class TexthashTable(HashTable):
 
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
-        if ctx.writable:
-            raise TableConfigError(f"{printable(ctx.spec)} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         self.path = ctx.name
         self._utf8 = utf8_enabled(ctx)
         data, st = self._read_when_cool()

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .base import OpenContext, Table, TableConfigError, TableRetry
-from .source import printable
+from .source import printable, refuse_writes
 from .utf8layer import checked_value, key_rejected
 
 _NSS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pyproxymap-nss")
@@ -50,8 +50,7 @@ class UnixTable(Table):
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
         spec = printable(ctx.spec)
-        if ctx.writable:
-            raise TableConfigError(f"{spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         if ctx.name not in _MAPS:
             raise TableConfigError(f"unknown table: {spec}")
         self._get, self._uid0, self._database = _MAPS[ctx.name]

@@ -14,8 +14,8 @@ from functools import partial
 from typing import Any, ClassVar
 
 from ...wire.proxymap import FIXED
-from ..base import Maybe, OpenContext, Table, TableConfigError
-from ..source import printable, utf8_enabled, valid_utf8
+from ..base import Maybe, OpenContext, Table
+from ..source import printable, refuse_writes, utf8_enabled, valid_utf8
 from ..utf8layer import checked_value, key_rejected
 from .config import CfgFile, LookupConfig, lookup_config
 from .pool import Pool, share, unshare
@@ -33,8 +33,7 @@ class SqlTable(Table):
     def __init__(self, ctx: OpenContext) -> None:
         super().__init__(ctx)
         self._spec = printable(ctx.spec, utf8_enabled(ctx))
-        if ctx.writable:
-            raise TableConfigError(f"{self._spec} map requires O_RDONLY access mode")
+        refuse_writes(ctx)
         self._cfg = CfgFile(ctx.name, ctx.log)
         lookup = self.lookup_config(self._cfg)
         self._templates = Templates(
