@@ -27,6 +27,27 @@ def write_confdir(root: Path, main_cf: str) -> Path:
     return root
 
 
+def throwaway_postfix_main_cf(root: Path, extra: str) -> str:
+    """main.cf of a throwaway Postfix instance under root (own queue, data and log), local
+    only, with no local delivery tables; ``extra`` adds the test's own parameters."""
+    return f"""\
+compatibility_level = 3.6
+queue_directory = {root}/spool
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = loopback-only
+myhostname = pfxtest.localdomain
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+syslog_name = postfix-pyproxymap-test
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+{extra}"""
+
+
 def backdate(*paths: Path, seconds: int = 10) -> None:
     """Postfix waits for a table file modified in the last seconds to "cool down"
     (up to 1.8 s per open); make files the test just wrote older."""

@@ -32,7 +32,7 @@ import pytest
 
 from pyproxymap.client import Client
 from pyproxymap.server import postfix_master as pm
-from tests.conftest import ROOT, backdate
+from tests.conftest import ROOT, backdate, throwaway_postfix_main_cf
 
 pytestmark = pytest.mark.interop
 
@@ -374,24 +374,9 @@ class Instance:
         self.conf = str(t / "etc")
         self.table = f"texthash:{t}/t"
         (t / "etc" / "main.cf").write_text(
-            f"""\
-compatibility_level = 3.6
-queue_directory = {t}/spool
-data_directory = {t}/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = loopback-only
-myhostname = pfxtest.localdomain
-mydestination =
-alias_maps =
-alias_database =
-local_recipient_maps =
-syslog_name = postfix-pyproxymap-test
-maillog_file = {t}/maillog
-maillog_file_prefixes = {t}
-proxy_read_maps = proxy:{self.table}
-proxy_write_maps = proxy:environ:env
-"""
+            throwaway_postfix_main_cf(
+                t, f"proxy_read_maps = proxy:{self.table}\nproxy_write_maps = proxy:environ:env\n"
+            )
         )
         daemon_dir = self.postconf("daemon_directory")
         command = os.path.relpath(rt.command, daemon_dir)  # master runs $daemon_directory/CMD

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningServer, backdate, write_confdir
+from tests.conftest import RunningServer, backdate, throwaway_postfix_main_cf, write_confdir
 from tests.interop.postfix_lib import WRITE_FLAGS
 from tests.interop.test_postfix_clients import libpostfix
 
@@ -210,21 +210,7 @@ def test_kill_9_during_a_write_load_loses_no_acknowledged_write(conf, kind, tmp_
 # --- a real verify(8) ---------------------------------------------------------------------
 
 
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {root}/spool
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = loopback-only
-myhostname = pfxtest.localdomain
-mydestination =
-alias_maps =
-alias_database =
-local_recipient_maps =
-syslog_name = postfix-pyproxymap-test
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
+VERIFY_CF = """\
 address_verify_map = proxy:{kind}:$data_directory/verify_cache
 address_verify_positive_expire_time = 2s
 address_verify_positive_refresh_time = 1h
@@ -262,7 +248,9 @@ def instance() -> Iterator[Path]:
 def test_real_verify_daemon_caches_through_us_and_cleans_up(instance):
     """A real verify(8) cache on btree, filled and cleaned through our proxywrite."""
     root, kind = instance, "btree"
-    (root / "etc" / "main.cf").write_text(MAIN_CF.format(root=root, kind=kind))
+    (root / "etc" / "main.cf").write_text(
+        throwaway_postfix_main_cf(root, VERIFY_CF.format(kind=kind))
+    )
     (root / "etc" / "master.cf").write_text(MASTER_CF)
     subprocess.run(["postfix", "-c", str(root / "etc"), "start"], check=True, timeout=60)
     srv = InstanceServer(root / "etc")
