@@ -75,12 +75,12 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .. import settings as settings_mod
 from ..config.maincf import ConfigError, MainCf, split_nameval
+from ..logs import PostfixLogHandler, RedactingFormatter, install
 from ..settings import Settings
 from .app import ProxymapServer, ServiceSlot
 from .session import Session
@@ -358,79 +358,15 @@ def _raise_open_file_limit() -> None:
 
 
 # -- logging ----------------------------------------------------------------------------
-_SEVERITY = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
-LOG_MAIL = 2
-
-
-class PostfixLogHandler(logging.Handler):
-    """Lines as a Postfix daemon logs them: to postlogd when master exports
-    POSTLOG_SERVICE (``maillog_file``), else to syslog (facility mail).
-    ``Mon DD HH:MM:SS [host ]tag[pid]: warning: text``, one datagram per line."""
-
-    def __init__(self, tag: str) -> None:
-        super().__init__()
-        self.tag = tag
-        self.postlog = os.environ.get("POSTLOG_SERVICE")
-        host = os.environ.get("POSTLOG_HOSTNAME") or socket.gethostname()
-        self.host = host.split(".", 1)[0]  # msg_logger logs the first label
-        self.path = self.postlog or "/dev/log"
-        self.sock: socket.socket | None = None
-        self._connect()
-
-    def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self.sock.connect(self.path)  # before the privilege drop, as msg_logger does
-        except OSError:
-            self.sock.close()
-            self.sock = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
-        head = f"{self.tag}[{os.getpid()}]: {_SEVERITY.get(record.levelno, '')}"
-        for line in text.split("\n"):
-            if self.postlog:
-                data = f"{stamp} {self.host} {head}{line}"
-            else:
-                priority = LOG_MAIL * 8 + _SYSLOG_PRIORITY.get(record.levelno, 2)
-                data = f"<{priority}>{stamp} {head}{line}"
-            self._send(data.encode("utf-8", "replace"))
-
-    def _send(self, data: bytes) -> None:
-        for _ in range(2):  # postlogd or syslogd may have been restarted: reconnect once
-            if self.sock is not None:
-                try:
-                    self.sock.send(data)
-                    return
-                except OSError:
-                    pass
-            self._connect()
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        super().close()
-
-
 def setup_logging(tag: str, level: int, to_stderr: bool) -> None:
-    root = logging.getLogger("pyproxymap")
-    for handler in root.handlers:
-        handler.close()
-    handlers: list[logging.Handler] = [PostfixLogHandler(tag)]
+    """Log where master says (see PostfixLogHandler.for_master), and with ``-V`` or on a
+    terminal also to stderr; passwords masked in both."""
+    handlers: list[logging.Handler] = [PostfixLogHandler.for_master(tag)]
     if to_stderr:
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter(f"{tag}: %(levelname)s: %(message)s"))
+        stream.setFormatter(RedactingFormatter(f"{tag}: %(levelname)s: %(message)s"))
         handlers.append(stream)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    root.propagate = False
+    install(handlers, level)
 
 
 def log_tag(procname: str, maincf: MainCf | None = None) -> str:
