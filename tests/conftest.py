@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,18 @@ def serve() -> Iterator:
     yield start
     for server in started:
         server.stop()
+
+
+def pytest_configure(config):
+    """Postfix commands run without ``-c`` (postmap building a test's table files) read
+    $MAIL_CONFIG/main.cf: give them a throwaway one, so the tests neither need nor read
+    the machine's /etc/postfix (Debian installs Postfix "No configuration" without one)."""
+    if "MAIL_CONFIG" in os.environ:
+        return
+    confdir = Path(tempfile.mkdtemp(prefix="pyproxymap-mail-config-"))
+    (confdir / "main.cf").write_text("compatibility_level = 3.6\n")
+    os.environ["MAIL_CONFIG"] = str(confdir)
+    config.add_cleanup(lambda: shutil.rmtree(confdir, ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config, items):
