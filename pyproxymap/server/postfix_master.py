@@ -5,9 +5,10 @@ master.cf names our command; master execs it as root with its usual arguments
 ``cdDi:lm:n:o:s:St:uvVz``) and these file descriptors: 3 and 4, the flow-control
 pipe (unused); 5, a stream socket to master shared by every process of the
 service; 6, the service's listening socket, bound by master. We adopt fd 6,
-drop to ``mail_owner`` (``-u``), and tell master whether we are available with
-12-byte records ``struct {int pid; unsigned gen; int avail}`` on fd 5, GENERATION
-coming from the environment (octal). We exit when fd 5 reads EOF (master died,
+chroot to ``queue_directory`` with ``-c``, drop to ``mail_owner`` (``-u``), and
+tell master whether we are available with 12-byte records ``struct {int pid;
+unsigned gen; int avail}`` on fd 5, GENERATION coming from the environment
+(octal). We exit when fd 5 reads EOF (master died,
 or ``postfix reload``: the next child gets the new configuration), on SIGTERM
 (``postfix stop``), after ``max_idle`` seconds without clients, after ``max_use``
 closed connections, and, fatally, when the event loop stops turning for
@@ -51,9 +52,14 @@ wait for our clients to hang up (Postfix clients do after ``ipc_idle`` of quiet
 or ``ipc_ttl``), then exit. ``max_use = 0`` means no limit, ``max_idle = 0`` no
 idle exit.
 
-Not supported, refused at startup: ``-c`` (chroot: Python loads code after it),
-``-S`` (stand-alone), transports other than ``unix``, and running as root
-without ``-u`` (set master.cf's unpriv column to ``-`` or ``y``). proxywrite
+``-c`` (master.cf's chroot column ``y``): chroot to ``queue_directory`` before the
+drop to ``mail_owner``, as chroot_uid() does; every module a serving process may
+need is imported first (``privileges.chroot_to``: Python imports lazily), and
+table files are then named relative to the queue directory.
+
+Not supported, refused at startup: ``-S`` (stand-alone), transports other than
+``unix``, and running as root without ``-u`` (set master.cf's unpriv column to
+``-`` or ``y``). proxywrite
 starts a new session, as Postfix's proxymap does, so ``postfix stop`` cannot cut
 an update short; it exits on the EOF that follows.
 """
@@ -65,7 +71,6 @@ import contextlib
 import getopt
 import logging
 import os
-import pwd
 import resource
 import select
 import signal
@@ -78,9 +83,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from .. import privileges
 from .. import settings as settings_mod
 from ..config.maincf import ConfigError, MainCf, split_nameval
 from ..logs import PostfixLogHandler, RedactingFormatter, install
+from ..privileges import drop_privileges
 from ..settings import Settings
 from .app import ProxymapServer, ServiceSlot
 from .session import Session
@@ -210,8 +217,6 @@ def check_supported(args: MasterArgs) -> None:
         raise Fatal("no transport type specified")
     if args.transport.lower() != "unix":
         raise Fatal(f"unsupported transport type: {args.transport} (unix only)")
-    if args.chroot:
-        raise Fatal("chroot is not supported: set the chroot column in master.cf to n")
     if args.socket_count != 1:
         raise Fatal(f"one listening socket expected, master passed {args.socket_count}")
 
@@ -332,22 +337,6 @@ def close_on_exec(last: int) -> None:
     for fd in range(MASTER_FLOW_READ, last + 1):
         with contextlib.suppress(OSError):
             os.set_inheritable(fd, False)
-
-
-def drop_privileges(user: str) -> None:
-    """setgid, initgroups, setuid to ``user``, as Postfix's chroot_uid() without chroot."""
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise Fatal(f"unknown mail_owner: {user}") from None
-    if pw.pw_uid == 0:
-        raise Fatal(f"mail_owner {user} must not be a privileged account")
-    try:
-        os.setgid(pw.pw_gid)
-        os.initgroups(user, pw.pw_gid)
-        os.setuid(pw.pw_uid)
-    except OSError as e:
-        raise Fatal(f"dropping privileges to {user}: {e.strerror}") from None
 
 
 def _raise_open_file_limit() -> None:
@@ -685,12 +674,19 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
             os.setsid()  # a process-group SIGTERM must not cut an update short
     _raise_open_file_limit()
     time.tzset()
-    if os.geteuid() == 0:
-        if not args.unprivileged:
-            raise Fatal(
-                "refusing to run as root: set the unpriv column of this master.cf entry to - or y"
-            )
-        drop_privileges(owner)
+    if os.geteuid() == 0 and not args.unprivileged:
+        raise Fatal(
+            "refusing to run as root: set the unpriv column of this master.cf entry to - or y"
+        )
+    try:  # as chroot_uid(): the account is looked up before the chroot
+        source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
+        account = privileges.account(owner, source) if os.geteuid() == 0 else None
+        if args.chroot:  # master.cf chroot column y: chroot to queue_directory
+            privileges.chroot_to(queue_dir)
+        if account is not None:
+            drop_privileges(account)
+    except privileges.PrivilegeError as e:
+        raise Fatal(str(e)) from None
     status = MasterStatus(generation=generation)
     log.debug("%s: generation %o, config %s, %s", role, generation, config_dir, limits)
     return MasterChild(maincf, settings, role, listener, status, limits)

@@ -95,13 +95,13 @@ def test_service_and_transport_checks():
     for argv, message in [
         ([], "no transport type"),
         (["-t", "inet"], "unsupported transport type: inet"),
-        (["-t", "unix", "-c"], "chroot"),
         (["-t", "unix", "-s", "2"], "one listening socket"),
         (["-S"], "stand-alone"),
     ]:
         with pytest.raises(pm.Fatal, match=message):
             pm.check_supported(pm.parse_argv(argv))
     pm.check_supported(pm.parse_argv(["-t", "UNIX"]))
+    pm.check_supported(pm.parse_argv(["-t", "unix", "-c"]))  # chroot to queue_directory
 
 
 def test_generation_is_octal_and_records_are_12_bytes():
@@ -351,7 +351,6 @@ def test_fake_master_sigterm_and_idle(fake):
         (["-n", "proxymap", "-t", "unix"], "refusing to run as root"),
         (["-n", "other", "-t", "unix", "-u"], 'invalid service name: "other"'),
         (["-n", "proxymap", "-t", "unix", "-u", "-q"], ""),  # before -V is seen: not shown
-        (["-n", "proxymap", "-t", "unix", "-u", "-c"], "chroot"),
     ],
 )
 def test_fake_master_startup_errors_exit_1(fake, argv, message):
@@ -360,6 +359,31 @@ def test_fake_master_startup_errors_exit_1(fake, argv, message):
     rc, err = f.wait()
     assert rc == 1 and message in err, err
     assert f.records(1, timeout=0.2) == []  # no use cycle: master throttles, not re-forks
+
+
+def test_fake_master_chroot_column_chroots_to_queue_directory(fake):
+    f = fake("proxy_read_maps = proxy:texthash:/t proxy:regexp:/r\n")
+    (f.dir / "spool" / "t").write_text("k1 in-chroot\n")
+    (f.dir / "spool" / "r").write_text("/^(.+)@example\\.com$/ $1\n")
+    backdate(f.dir / "spool" / "t", f.dir / "spool" / "r")
+    proc = f.start("-V", "-n", "proxymap", "-t", "unix", "-u", "-c")
+    assert len(f.records(2)) == 2, f.proc.stderr
+    with Client(f.path) as c:
+        assert c.lookup("texthash:/t", "k1") == b"in-chroot"  # relative to the chroot
+        assert c.lookup("regexp:/r", "alice@example.com") == b"alice"  # libc loaded before
+    assert os.readlink(f"/proc/{proc.pid}/root") == str((f.dir / "spool").resolve())
+    uid = int(Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[0])
+    assert uid == pwd.getpwnam("postfix").pw_uid
+    f.status.shutdown(socket.SHUT_WR)
+    rc, err = f.wait()
+    assert rc == 0 and "master disconnect -- exiting" in err, err
+
+
+def test_fake_master_privileged_mail_owner_is_refused_as_postfix_words_it(fake):
+    f = fake("mail_owner = root\n")
+    f.start("-V", "-n", "proxymap", "-t", "unix", "-u")
+    rc, err = f.wait()
+    assert rc == 1 and "parameter mail_owner: user root has privileged user ID" in err, err
 
 
 # -- a real master ----------------------------------------------------------------------
