@@ -1,0 +1,212 @@
+"""The pgsql driver on a real PostgreSQL: what PQexec() would answer (several statements,
+raw text, NULL, the client encoding), and a query given up on (deadline, cancelled
+lookup, server hang-up) that is stopped on the server and leaves the pool usable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyproxymap.tables.base import OpenContext, Table, TableRetry, ascii_fold
+from pyproxymap.tables.sql.pgsql import PgsqlTable
+from tests.backends.conftest import Postgres, lookup, open_table, run
+
+pytestmark = pytest.mark.backends
+
+#: Sleeps 30 s for the key "slow"; answers with the key at once for any other.
+SLEEPY = "SELECT '%s' FROM pg_sleep(CASE WHEN '%s' = 'slow' THEN 30 ELSE 0 END)"
+
+
+@pytest.fixture
+def pg(postgres: Postgres) -> Iterator[Postgres]:
+    yield postgres
+    # No test leaves a query running on the server.
+    assert sleeping(postgres) == 0
+
+
+def sleeping(db: Postgres) -> int:
+    """Queries of SLEEPY still running on the server, after a moment to end."""
+    deadline = time.monotonic() + 2
+    with db._connect() as conn:
+        while True:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE %s AND pid <> pg_backend_pid()",
+                ("%pg_sleep(CASE%",),
+            ).fetchone()
+            if count == 0 or time.monotonic() > deadline:
+                return int(count)
+            time.sleep(0.02)
+
+
+def answers(db: Postgres, path: Path, query: str, keys: list[bytes], **params: str) -> list[Any]:
+    """Each key's answer, or the TableRetry it raised."""
+
+    async def scenario() -> list[Any]:
+        table = open_table("pgsql", db.cf(path, query=query, **params))
+        try:
+            return list(
+                await asyncio.gather(*(lookup(table, k) for k in keys), return_exceptions=True)
+            )
+        finally:
+            table.close()
+
+    return run(scenario())
+
+
+def test_several_statements_answer_with_the_last(pg: Postgres, tmp_path: Path) -> None:
+    cf = tmp_path / "multi.cf"
+    assert answers(pg, cf, "SELECT 'first' WHERE '%s' <> ''; SELECT 'last'", [b"k"]) == [b"last"]
+    # The last statement returns no rows: not found, as PQexec() gives its result.
+    assert answers(pg, cf, "SELECT 'x' WHERE '%s' <> ''; SET application_name = 'y'", [b"k"]) == [
+        None
+    ]
+
+
+def test_values_are_raw_text_and_null_is_skipped(
+    pg: Postgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    query = (
+        "SELECT v FROM (VALUES (1, 1.50::numeric::text), (2, NULL), (3, true::text), "
+        "(4, '{1,2}'::int[]::text)) AS t(n, v) WHERE '%s' <> '' ORDER BY n"
+    )
+    assert answers(pg, tmp_path / "raw.cf", query, [b"k"]) == [b"1.50,true,{1,2}"]
+    assert "empty lookup result" in caplog.text
+    typed = "SELECT 1.50::numeric, true, '{1,2}'::int[], NULL::int WHERE '%s' <> ''"
+    assert answers(pg, tmp_path / "typed.cf", typed, [b"k"]) == [b"1.50,t,{1,2}"]
+
+
+def open_without_smtputf8(cf: Path) -> PgsqlTable:
+    """A table that gets keys that are not UTF-8 (smtputf8_enable=no)."""
+    return PgsqlTable(OpenContext(type="pgsql", name=str(cf), fold=ascii_fold))
+
+
+def test_client_encoding(pg: Postgres, tmp_path: Path) -> None:
+    query = "SELECT '%s' || chr(233)"
+    assert answers(pg, tmp_path / "utf8.cf", query, [b"x"]) == ["xé".encode()]
+    latin1 = open_without_smtputf8(pg.cf(tmp_path / "latin1.cf", query=query, encoding="LATIN1"))
+    try:
+        assert run(latin1.lookup(b"x\xfc", 0)) == b"x\xfc\xe9"  # type: ignore[arg-type]
+    finally:
+        latin1.close()
+
+
+def test_key_that_cannot_be_escaped_fails_that_lookup_only(pg: Postgres, tmp_path: Path) -> None:
+    table = open_without_smtputf8(pg.cf(tmp_path / "escape.cf", query="SELECT '%s'"))
+
+    async def scenario() -> None:
+        with pytest.raises(TableRetry, match="cannot escape input string"):
+            await table.lookup(b"\xff\xfe", 0)  # type: ignore[misc]
+        assert await table.lookup(b"ok", 0) == b"ok"  # type: ignore[misc]
+        assert table.stats()["pool_idle"] == 1
+
+    try:
+        run(scenario())
+    finally:
+        table.close()
+
+
+def test_sql_error_is_retry_naming_table_host_and_cause(
+    pg: Postgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cf = tmp_path / "error.cf"
+    (failed,) = answers(pg, cf, "SELECT nosuchcolumn WHERE '%s' <> ''", [b"k"])
+    assert isinstance(failed, TableRetry)
+    assert 'column "nosuchcolumn" does not exist' in caplog.text
+    assert any(
+        f"pgsql:{cf}" in r.getMessage() and "query failed on pgsql server" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_query_longer_than_the_socket_buffer(pg: Postgres, tmp_path: Path) -> None:
+    key = b"x" * 8_000_000
+    assert answers(pg, tmp_path / "long.cf", "SELECT length('%s')::text", [key]) == [b"8000000"]
+
+
+def test_query_past_its_deadline_is_cancelled_on_the_server(pg: Postgres, tmp_path: Path) -> None:
+    cf = pg.cf(tmp_path / "deadline.cf", query=SLEEPY)
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, timeout=0.3, max_connections=1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TableRetry, match="timed out"):
+                await lookup(table, b"slow")
+            assert time.monotonic() - started < 1.0
+            await asyncio.to_thread(lambda: assert_stopped(pg))
+            assert await recovered(table, b"fast") < 1.0
+            assert table.stats()["pool_in_use"] == 0
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_cancelled_lookup_frees_its_connection(pg: Postgres, tmp_path: Path) -> None:
+    """A client that goes away cancels its lookup: the server stops the query and the
+    one connection serves the next lookup at once."""
+    cf = pg.cf(tmp_path / "cancel.cf", query=SLEEPY)
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=1, pool_wait=5)
+        try:
+            slow = asyncio.ensure_future(lookup(table, b"slow"))
+            await asyncio.sleep(0.2)
+            slow.cancel()
+            started = time.monotonic()
+            assert await lookup(table, b"fast") == b"fast"
+            assert time.monotonic() - started < 1.0
+            assert slow.cancelled()
+            await asyncio.to_thread(lambda: assert_stopped(pg))
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_connection_ended_by_the_server_is_replaced(pg: Postgres, tmp_path: Path) -> None:
+    cf = pg.cf(tmp_path / "terminated.cf", query="SELECT pg_backend_pid()::text WHERE '%s' <> ''")
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf)
+        try:
+            pid = await lookup(table, b"k")
+            assert pid is not None
+            await asyncio.to_thread(pg.execute, f"SELECT pg_terminate_backend({pid.decode()})")
+            await asyncio.sleep(0.1)  # the idle connection sees the server hang up
+            started = time.monotonic()
+            while (answer := await lookup_or_none(table, b"k")) is None:
+                assert time.monotonic() - started < 1.0
+                await asyncio.sleep(0.02)
+            assert answer != pid
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def assert_stopped(db: Postgres) -> None:
+    assert sleeping(db) == 0
+
+
+async def lookup_or_none(table: Table, key: bytes) -> bytes | None:
+    """The answer, or None for a RETRY."""
+    try:
+        return await lookup(table, key)
+    except TableRetry:
+        return None
+
+
+async def recovered(table: Table, key: bytes) -> float:
+    """Seconds until ``key`` is answered again (its host was marked down)."""
+    started = time.monotonic()
+    while await lookup_or_none(table, key) != key:
+        assert time.monotonic() - started < 3.0
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
