@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import demo, logs, settings
+from . import demo, logs, privileges, settings
 from .client import Client, ProxymapError
 from .config.allowlist import build_allowlist
 from .config.maincf import ConfigError, MainCf
 from .server import admin
 from .server.app import ProxymapServer, socket_path
 from .server.listener import SocketInUse
+from .server.supervisor import Supervisor
 
 log = logging.getLogger("pyproxymap")
 
@@ -41,8 +42,11 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 def _config(args: argparse.Namespace) -> tuple[MainCf, settings.Settings]:
     maincf = MainCf.load(args.config_dir, _overrides(args.override))
-    toml = Path(args.config) if args.config else maincf.config_dir / "pyproxymap.toml"
-    return maincf, settings.load(toml, args)
+    return maincf, settings.load(_settings_file(args, maincf), args)
+
+
+def _settings_file(args: argparse.Namespace, maincf: MainCf) -> Path:
+    return Path(args.config) if args.config else maincf.config_dir / "pyproxymap.toml"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         demo_dir = demo.create()
         args.config_dir = str(demo_dir)
     maincf, conf = _config(args)
-    logs.setup(conf.log_level)
+    logs.setup(conf.log_level, conf.log_destination, maincf)
+    try:
+        drop = None if args.demo else _privilege_drop(args, maincf, conf)
+    except privileges.PrivilegeError as e:
+        log.critical("%s", e)
+        return 1
     if demo_dir is not None:
         print(demo.instructions(demo_dir), flush=True)
     try:
@@ -83,14 +92,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
             import uvloop  # optional speed-up
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        asyncio.run(_serve(maincf, conf, lambda: _config(args)))
-    except (SocketInUse, OSError, ImportError) as e:
+        asyncio.run(_serve(maincf, conf, args, drop))
+    except (SocketInUse, OSError, ImportError, privileges.PrivilegeError) as e:
         log.critical("%s", e)
         return 1
     finally:
         if demo_dir is not None:
             shutil.rmtree(demo_dir, ignore_errors=True)
     return 0
+
+
+Drop = Callable[[list[Path]], list[Path]]
+
+
+def _privilege_drop(
+    args: argparse.Namespace, maincf: MainCf, conf: settings.Settings
+) -> Drop | None:
+    """Started as root: what ``_serve`` calls once the sockets are bound, to chroot
+    (``chroot``) and run as ``user`` (default mail_owner), as Postfix's proxymap runs
+    (``unprivileged = false``: stay root). None when there is nothing to do: not root
+    (it keeps running as the user that started it), or worker processes serve (they
+    drop privileges themselves)."""
+    queue = maincf.get("queue_directory") or "/var/spool/postfix"
+    if conf.user:
+        user, source = conf.user, "setting user"
+    else:
+        user = maincf.get("mail_owner") or "postfix"
+        source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
+    chroot = queue if conf.chroot else None
+    plan = privileges.standalone(user, source, chroot, conf.unprivileged)
+    if plan is None or getattr(conf, "workers", 0):
+        return None
+    root = plan.root
+
+    def drop(paths: list[Path]) -> list[Path]:
+        if root is not None:
+            # SIGHUP and ``pyproxymap reload`` read the configuration from inside the
+            # chroot from now on, where it can be read only if it lies under the root.
+            config_dir = privileges.inside(root, args.config_dir)
+            toml = privileges.inside(root, args.config) if args.config else ""
+            if config_dir is None or toml is None:
+                log.warning(
+                    "%s is outside the chroot %s: a reload cannot read it, restart "
+                    "pyproxymap serve to apply configuration changes",
+                    args.config if toml is None else args.config_dir,
+                    root,
+                )
+            else:
+                args.config_dir, args.config = config_dir, toml or None
+        after = plan.enter(paths)
+        log.info(
+            "running as %s%s",
+            plan.account.name if plan.account is not None else "root",
+            f", chrooted to {root}" if root is not None else "",
+        )
+        return after
+
+    return drop
 
 
 def _raise_open_file_limit() -> None:
@@ -100,51 +158,64 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _serving(
+    maincf: MainCf, conf: settings.Settings, args: argparse.Namespace
+) -> tuple[ProxymapServer | Supervisor, admin.Control]:
+    """One process serving both services, or (``workers``) a supervisor of workers."""
+    reread = functools.partial(_config, args)
+    if not conf.workers:
+        server = ProxymapServer(maincf, conf)
+        return server, admin.ServerControl(server, functools.partial(server.reload_from, reread))
+    given = {
+        name: getattr(args, name)
+        for name, *_ in settings.definitions()
+        if getattr(args, name, None) is not None
+    }
+    supervisor = Supervisor(
+        maincf,
+        conf,
+        settings_file=_settings_file(args, maincf),
+        given=given,
+        overrides=_overrides(args.override),
+        reread=reread,
+    )
+    return supervisor, supervisor
+
+
 async def _serve(
     maincf: MainCf,
     conf: settings.Settings,
-    reread: Callable[[], tuple[MainCf, settings.Settings]],
+    args: argparse.Namespace,
+    drop: Drop | None = None,
 ) -> None:
     _raise_open_file_limit()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = ProxymapServer(maincf, conf)
+    server, server_control = _serving(maincf, conf, args)
     await server.start()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(server.stop)
-        reload = functools.partial(_reload, server, reread)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server_control.reload()))
         # Where they listen is read at start only, as for the service sockets.
-        control = admin.AdminServer(server, admin.admin_path(maincf, conf), reload)
+        control = admin.AdminServer(server_control, admin.admin_path(maincf, conf))
         await control.start()
         stack.push_async_callback(control.stop)
         if conf.metrics_address:
             from .server.metrics import MetricsServer  # needs the metrics extra
 
-            metrics = MetricsServer(server, conf.metrics_address)
+            metrics = MetricsServer(server_control.status, conf.metrics_address)
             await metrics.start()
             stack.push_async_callback(metrics.stop)
+        if drop is not None:  # started as root: from now on as the user, maybe chrooted
+            names = list(server.socket_paths)
+            *kept, control.path = drop([*server.socket_paths.values(), control.path])
+            server.socket_paths.update(zip(names, kept, strict=True))
         log.info("pyproxymap started, config %s", maincf.config_dir)
         await stop.wait()
         log.info("stopping: letting in-flight requests finish")
     log.info("stopped")
-
-
-async def _reload(
-    server: ProxymapServer, reread: Callable[[], tuple[MainCf, settings.Settings]]
-) -> str | None:
-    """SIGHUP or ``pyproxymap reload``: read main.cf, the allow-lists and settings again
-    and swap them in. None when done, else why the configuration was refused."""
-    try:
-        maincf, conf = reread()
-        await server.reload(maincf, conf)
-    except Exception as e:
-        log.error("reload refused, still serving the previous configuration: %s", e)
-        return f"reload refused, still serving the previous configuration: {e}"
-    log.info("reloaded configuration from %s", maincf.config_dir)
-    return None
 
 
 # -- query ----------------------------------------------------------------------------
@@ -180,7 +251,12 @@ def cmd_query(args: argparse.Namespace) -> int:
 # -- status, reload, flush --------------------------------------------------------------
 def _ask(args: argparse.Namespace, request: dict[str, str]) -> dict[str, Any] | None:
     """Send a command to the running server's admin socket; None (said why) on failure."""
-    maincf, conf = _config(args)
+    maincf = MainCf.load(args.config_dir, _overrides(args.override))
+    try:
+        conf = settings.load(_settings_file(args, maincf), args)
+    except ValueError as e:  # the server will say so too; its admin socket is still there
+        print(f"pyproxymap: warning: {e}", file=sys.stderr)
+        conf = settings.Settings(admin_socket=args.admin_socket or "")
     try:
         return admin.ask(admin.admin_path(maincf, conf), request)
     except admin.AdminError as e:

@@ -29,6 +29,22 @@ class TableSettings:
     def options_for(self, spec: str) -> TableOptions:
         return self.per_table.get(spec, self.defaults)
 
+    def shared_by(self, processes: int) -> TableSettings:
+        """Each of ``processes`` workers' share of the bounds set for the whole service:
+        ``max_connections`` and ``cache_size`` divided, rounded down, at least 1 (so
+        with more workers than connections, each still holds one)."""
+
+        def share(options: TableOptions) -> TableOptions:
+            return replace(
+                options,
+                max_connections=max(1, options.max_connections // processes),
+                cache_size=max(1, options.cache_size // processes) if options.cache_size else 0,
+            )
+
+        return TableSettings(
+            share(self.defaults), {spec: share(o) for spec, o in self.per_table.items()}
+        )
+
     @classmethod
     def from_toml(
         cls, defaults: dict[str, Any], tables: dict[str, Any], where: str
@@ -108,7 +124,37 @@ class Settings:
     services: str = _setting(
         "proxymap,proxywrite", "Services to run, comma-separated: proxymap, proxywrite."
     )
+    workers: int = _setting(
+        0,
+        "Worker processes sharing the proxymap socket, under a supervisor that restarts "
+        "them (plus one proxywrite worker); 0: one process serves both services, no "
+        "supervisor. Per-table max_connections and cache_size are then divided among "
+        "the workers: they bound the whole service.",
+    )
     log_level: str = _setting("info", "Log level: debug, info, warning, error.")
+    log_destination: str = _setting(
+        "stderr",
+        "Where log lines go: stderr; syslog (/dev/log, facility $syslog_facility, tag "
+        "$syslog_name/pyproxymap); or postlog (Postfix's postlogd, "
+        "$queue_directory/public/$postlog_service_name, which writes $maillog_file).",
+    )
+    user: str = _setting(
+        "",
+        "Account to run as once the sockets are bound, when started as root "
+        "(default: main.cf's mail_owner); it must not have user or group ID 0.",
+    )
+    unprivileged: bool = _setting(
+        True,
+        "Started as root: give root up once the sockets are bound and run as user, as "
+        "Postfix's proxymap does (master.cf unpriv column y). false keeps root, as a "
+        "Postfix service with unpriv n (not recommended: every table is then opened as root).",
+    )
+    chroot: bool = _setting(
+        False,
+        "Started as root: chroot to $queue_directory once the sockets are bound, as a "
+        "Postfix service with chroot y in master.cf; table files are then named "
+        "relative to it.",
+    )
     #: Not a command-line setting: per-table options from the TOML file.
     tables: TableSettings = field(default_factory=TableSettings)
 
@@ -126,12 +172,19 @@ class Settings:
                 raise ValueError(f"unknown service {name!r} in services (proxymap, proxywrite)")
         for name, *_ in definitions():
             value = getattr(self, name)
-            if isinstance(value, int | float) and value <= 0:
+            if name == "workers":
+                if value < 0:
+                    raise ValueError(f"workers must not be negative, not {value}")
+            elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{name} must be positive, not {value}")
         if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
             raise ValueError(f"metrics_address {self.metrics_address!r}: expected host:port")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"unknown log_level {self.log_level!r}")
+        if self.log_destination not in ("stderr", "syslog", "postlog"):
+            raise ValueError(
+                f"unknown log_destination {self.log_destination!r} (stderr, syslog, postlog)"
+            )
         return self
 
 
@@ -149,6 +202,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--name`` option per setting (default None: "not given")."""
     group = parser.add_argument_group("pyproxymap settings (also in pyproxymap.toml)")
     for name, kind, default, text in definitions():
+        if kind is bool:  # --chroot / --no-chroot
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{text} (default: {'yes' if default else 'no'})",
+            )
+            continue
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -163,7 +225,10 @@ def load(toml_path: Path | None, args: argparse.Namespace | None = None) -> Sett
     values: dict[str, Any] = {}
     if toml_path is not None and toml_path.exists():
         with toml_path.open("rb") as f:
-            data = tomllib.load(f)
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{toml_path}: {e}") from None
         known = {name: kind for name, kind, _, _ in definitions()}
         values["tables"] = TableSettings.from_toml(
             data.pop("table_defaults", {}), data.pop("tables", {}), str(toml_path)
@@ -171,6 +236,8 @@ def load(toml_path: Path | None, args: argparse.Namespace | None = None) -> Sett
         for name, value in data.items():
             if name not in known:
                 raise ValueError(f"{toml_path}: unknown setting {name!r}")
+            if known[name] is bool and not isinstance(value, bool):
+                raise ValueError(f"{toml_path}: {name} must be true or false, not {value!r}")
             values[name] = known[name](value)
     if args is not None:
         for name, *_ in definitions():

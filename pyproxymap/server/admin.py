@@ -9,6 +9,10 @@ The protocol is one JSON object per line each way::
     {"command": "status"}                     -> {"ok": true, "status": {...}}
     {"command": "reload"}                     -> {"ok": true} or {"ok": false, "error": "..."}
     {"command": "flush", "table": "type:name"} -> {"ok": true, "flushed": 2}
+
+The same socket and commands serve one process (``ServerControl``) and the
+supervisor of worker processes, which asks each worker's own admin socket and
+merges the answers (``merge_status``): counts and latency histograms add up.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config.maincf import MainCf
 from ..settings import Settings
 from ..wire.proxymap import Status
 from .app import ProxymapServer
-from .latency import count, quantile, total_seconds
+from .latency import Histogram, count, new_histogram, quantile, total_seconds
 from .listener import prepare_socket_path
 from .service import Service
 from .tablecache import UnavailableTable
@@ -38,6 +42,33 @@ log = logging.getLogger("pyproxymap")
 MAX_LINE = 65536
 #: Reload: None when the new configuration is served, else why it was refused.
 Reloader = Callable[[], Awaitable[str | None]]
+
+
+class Control(Protocol):
+    """What the admin socket's commands act on: one server, or a supervisor's workers."""
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> str | None: ...
+
+    async def flush(self, table: str) -> int: ...
+
+
+class ServerControl:
+    """The admin commands of one in-process ProxymapServer."""
+
+    def __init__(self, server: ProxymapServer, reload: Reloader) -> None:
+        self.server = server
+        self._reload = reload
+
+    async def status(self) -> dict[str, Any]:
+        return status(self.server)
+
+    async def reload(self) -> str | None:
+        return await self._reload()
+
+    async def flush(self, table: str) -> int:
+        return self.server.flush(table)
 
 
 class AdminError(Exception):
@@ -82,30 +113,56 @@ def _tables(service: Service) -> dict[str, Any]:
     for (table, op, code), n in sorted(service.counts.items()):
         entry(table)["requests"].setdefault(op, {})[Status(code).name] = n
     for (table, op), histogram in sorted(service.latency.items()):
-        n = count(histogram)
-        entry(table)["latency"][op] = {
-            "count": n,
-            "mean_ms": total_seconds(histogram) * 1e3 / n,
-            "p50_ms": quantile(histogram, 0.5) * 1e3,
-            "p99_ms": quantile(histogram, 0.99) * 1e3,
-        }
+        entry(table)["latency"][op] = latency_summary(histogram)
     return tables
 
 
-class AdminServer:
-    """Serves the admin socket of one ProxymapServer."""
+def latency_summary(histogram: Histogram) -> dict[str, Any]:
+    """Count, mean and quantiles of a histogram, with the histogram itself (to merge)."""
+    n = count(histogram)
+    return {
+        "count": n,
+        "mean_ms": total_seconds(histogram) * 1e3 / n if n else 0.0,
+        "p50_ms": quantile(histogram, 0.5) * 1e3,
+        "p99_ms": quantile(histogram, 0.99) * 1e3,
+        "histogram": list(histogram),
+    }
 
-    def __init__(self, server: ProxymapServer, path: Path, reload: Reloader) -> None:
-        self.server = server
+
+def merge_services(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The ``services`` of several processes' statuses as one: requests and latency
+    histograms added up, each table instance listed with the pid that holds it."""
+    services: dict[str, Any] = {}
+    for part in parts:
+        for name, service in part["services"].items():
+            tables = services.setdefault(name, {"tables": {}})["tables"]
+            for table, info in service["tables"].items():
+                into = tables.setdefault(table, {"instances": [], "requests": {}, "latency": {}})
+                into["instances"] += [dict(i, pid=part["pid"]) for i in info["instances"]]
+                for op, statuses in info["requests"].items():
+                    counts = into["requests"].setdefault(op, {})
+                    for code, n in statuses.items():
+                        counts[code] = counts.get(code, 0) + n
+                for op, summary in info["latency"].items():
+                    total = into["latency"].get(op, {}).get("histogram") or new_histogram()
+                    added = [a + b for a, b in zip(total, summary["histogram"], strict=True)]
+                    into["latency"][op] = latency_summary(added)
+    return services
+
+
+class AdminServer:
+    """Serves the admin socket: JSON commands applied to a Control."""
+
+    def __init__(self, control: Control, path: Path) -> None:
+        self.control = control
         self.path = path
-        self._reload = reload
         self._listener: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         prepare_socket_path(self.path)  # a 0700 directory; refuses a live server's socket
         self._listener = await asyncio.start_unix_server(
-            self._serve, path=str(self.path), limit=MAX_LINE
+            self.serve_connection, path=str(self.path), limit=MAX_LINE
         )
         os.chmod(self.path, 0o600)
         log.info("admin socket %s", self.path)
@@ -119,7 +176,9 @@ class AdminServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self._clients.add(writer)
         try:
             while line := await reader.readline():
@@ -138,13 +197,13 @@ class AdminServer:
     async def _command(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request["command"]
         if command == "status":
-            return {"ok": True, "status": status(self.server)}
+            return {"ok": True, "status": await self.control.status()}
         if command == "reload":
-            error = await self._reload()
+            error = await self.control.reload()
             return {"ok": True} if error is None else {"ok": False, "error": error}
         if command == "flush":
             table = str(request["table"])
-            flushed = self.server.flush(table)
+            flushed = await self.control.flush(table)
             log.info("flushed %s (%d open instance%s)", table, flushed, "s"[: flushed != 1])
             return {"ok": True, "flushed": flushed}
         return {"ok": False, "error": f"unknown command {command!r}"}
@@ -173,6 +232,29 @@ def ask(path: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str,
     return reply
 
 
+async def ask_over(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: dict[str, Any],
+    who: str,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """``ask`` over an open connection, from an event loop (the supervisor asking a
+    worker). The caller sends one request at a time."""
+    try:
+        async with asyncio.timeout(timeout):
+            writer.write(json.dumps(request).encode() + b"\n")
+            line = await reader.readline()
+    except (OSError, TimeoutError) as e:
+        raise AdminError(f"{who}: {'timed out' if isinstance(e, TimeoutError) else e}") from e
+    if not line:
+        raise AdminError(f"{who}: closed the connection")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise AdminError(f"{who}: {reply.get('error', 'failed')}")
+    return reply
+
+
 def _counts(figures: dict[str, int]) -> str:
     return ", ".join(f"{n} {what}" for what, n in figures.items())
 
@@ -185,6 +267,11 @@ def format_status(data: dict[str, Any]) -> str:
         f"up {up // 3600}:{up // 60 % 60:02}:{up % 60:02}, "
         f"{data['reloads']} reloads, {data['worker_restarts']} worker restarts"
     ]
+    for worker in data.get("workers", []):
+        lines.append(
+            f"  worker pid {worker['pid']}: {worker['service']}, {worker['state']}, "
+            f"up {int(worker['uptime'])} s"
+        )
     for name, service in data["services"].items():
         lines.append(f"{name}:" if service["tables"] else f"{name}: no tables")
         for table, info in service["tables"].items():

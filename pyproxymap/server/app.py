@@ -18,7 +18,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from .listener import listen_unix
 from .service import Service
 from .session import Session
 from .tablecache import TableCache
+
+log = logging.getLogger("pyproxymap")
 
 SERVICE_PARAMS = {"proxymap": "proxymap_service_name", "proxywrite": "proxywrite_service_name"}
 
@@ -158,6 +160,19 @@ class ProxymapServer:
         # Requests already in flight still hold the old tables; close them later.
         asyncio.get_running_loop().call_later(settings.shutdown_grace, close_old_tables)
         self.reloads += 1
+
+    async def reload_from(self, reread: Callable[[], tuple[MainCf, Settings]]) -> str | None:
+        """SIGHUP or ``pyproxymap reload``: read main.cf, the allow-lists and settings
+        again and swap them in. None when done, else why the configuration was refused
+        (logged; the previous configuration keeps serving)."""
+        try:
+            maincf, settings = reread()
+            await self.reload(maincf, settings)
+        except Exception as e:
+            log.error("reload refused, still serving the previous configuration: %s", e)
+            return f"reload refused, still serving the previous configuration: {e}"
+        log.info("reloaded configuration from %s", maincf.config_dir)
+        return None
 
     def flush(self, name: str) -> int:
         """Drop the open instances of table ``name`` in every service, so the next

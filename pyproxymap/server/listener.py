@@ -48,11 +48,22 @@ def prepare_socket_path(path: Path, owner: str | None = None) -> None:
         path.unlink()
 
 
+def bind_unix(path: Path, *, owner: str | None, backlog: int = 511) -> socket.socket:
+    """A listening socket at ``path``, for this process or for worker processes."""
+    prepare_socket_path(path, owner)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o666)  # access is controlled by the directory, as Postfix does
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def listen_unix(
     path: Path, factory: Callable[[], asyncio.Protocol], *, owner: str | None, backlog: int = 511
 ) -> asyncio.Server:
-    prepare_socket_path(path, owner)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(factory, path=str(path), backlog=backlog)
-    os.chmod(path, 0o666)  # access is controlled by the directory, as Postfix does
-    return server
+    sock = bind_unix(path, owner=owner, backlog=backlog)
+    return await asyncio.get_running_loop().create_unix_server(factory, sock=sock)

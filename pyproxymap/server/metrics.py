@@ -1,10 +1,11 @@
 """Prometheus metrics on ``metrics_address`` (opt-in; needs ``prometheus_client``).
 
-Nothing is recorded for Prometheus while requests are served: a collector reads
-the server's own counters (Service.counts, Service.latency, Table.stats()) when
-scraped. The HTTP side is a few lines of asyncio on the server's event loop, so
-a scrape reads those counters between requests, never while they change (a
-thread, as prometheus_client's own server uses, could race with them).
+Nothing is recorded for Prometheus while requests are served: at each scrape the
+metrics are made from the same status data ``pyproxymap status`` shows (request
+counts, latency histograms, Table.stats()), of one process or merged from a
+supervisor's workers. The HTTP side is a few lines of asyncio on the server's
+event loop, so a scrape reads those counters between requests, never while they
+change (a thread, as prometheus_client's own server uses, could race with them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -23,10 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from ..wire.proxymap import Status
-from .app import ProxymapServer
 from .latency import BOUNDS, total_seconds
-from .tablecache import UnavailableTable
 
 log = logging.getLogger("pyproxymap")
 
@@ -37,16 +36,18 @@ CACHE_COUNTERS = {
     "cache_stale": "pyproxymap_cache_stale",
 }
 POOL_STATES = {"pool_in_use": "in_use", "pool_idle": "idle", "pool_waiting": "waiting"}
+#: A status snapshot, as ``pyproxymap status --json`` prints it.
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 
 
-class ServerCollector:
-    """Reads one ProxymapServer's counters at scrape time."""
+class StatusCollector:
+    """Metrics of the status snapshot taken for the scrape in progress."""
 
-    def __init__(self, server: ProxymapServer) -> None:
-        self.server = server
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {"services": {}, "reloads": 0, "worker_restarts": 0}
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
+        data = self.status
         requests = CounterMetricFamily(
             "pyproxymap_requests",
             "Replies sent, by service, table, request and status.",
@@ -76,32 +77,36 @@ class ServerCollector:
             "Table instances that failed to open (answering RETRY).",
             labels=["service"],
         )
-        for name, slot in server.slots.items():
-            service = slot.service
-            for (table, op, status), n in service.counts.items():
-                requests.add_metric([name, table, op, Status(status).name], n)
-            for (table, op), histogram in service.latency.items():
-                cumulative, buckets = 0, []
-                for bound, n in zip(BOUNDS, histogram, strict=False):
-                    cumulative += n
-                    buckets.append((repr(bound), cumulative))
-                buckets.append(("+Inf", cumulative + histogram[len(BOUNDS)]))
-                latency.add_metric([name, table, op], buckets, total_seconds(histogram))
-            figures: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
-            down = 0
-            for (table, _), instance in service.tables.instances():
-                down += isinstance(instance, UnavailableTable)
-                for key, value in instance.stats().items():
-                    figures[table][key] += value
-            tables_open.add_metric([name], len(service.tables) - down)
-            unavailable.add_metric([name], down)
-            for table, stats in figures.items():
+        for name, service in data["services"].items():
+            up = down = 0
+            for table, info in service["tables"].items():
+                for op, statuses in info["requests"].items():
+                    for status, n in statuses.items():
+                        requests.add_metric([name, table, op, status], n)
+                for op, summary in info["latency"].items():
+                    histogram = summary["histogram"]
+                    cumulative, buckets = 0, []
+                    for bound, n in zip(BOUNDS, histogram, strict=False):
+                        cumulative += n
+                        buckets.append((repr(bound), cumulative))
+                    buckets.append(("+Inf", cumulative + histogram[len(BOUNDS)]))
+                    latency.add_metric([name, table, op], buckets, total_seconds(histogram))
+                figures: defaultdict[str, int] = defaultdict(int)
+                for instance in info["instances"]:
+                    if instance["state"] == "open":
+                        up += 1
+                    else:
+                        down += 1
+                    for key, value in instance.get("stats", {}).items():
+                        figures[key] += value
                 for key, family in caches.items():
-                    if key in stats:
-                        family.add_metric([name, table], stats[key])
+                    if key in figures:
+                        family.add_metric([name, table], figures[key])
                 for key, state in POOL_STATES.items():
-                    if key in stats:
-                        pool.add_metric([name, table, state], stats[key])
+                    if key in figures:
+                        pool.add_metric([name, table, state], figures[key])
+            tables_open.add_metric([name], up)
+            unavailable.add_metric([name], down)
         yield requests
         yield latency
         yield from caches.values()
@@ -109,13 +114,24 @@ class ServerCollector:
         yield tables_open
         yield unavailable
         yield CounterMetricFamily(
-            "pyproxymap_reloads", "Configurations reloaded.", value=server.reloads
+            "pyproxymap_reloads", "Configurations reloaded.", value=data["reloads"]
         )
         yield CounterMetricFamily(
             "pyproxymap_worker_restarts",
-            "Worker processes restarted.",
-            value=server.worker_restarts,
+            "Worker processes restarted after they died or were killed by the watchdog.",
+            value=data["worker_restarts"],
         )
+        if "workers" in data:
+            workers = GaugeMetricFamily(
+                "pyproxymap_workers", "Worker processes, by service and state.",
+                labels=["service", "state"],
+            )
+            states: defaultdict[tuple[str, str], int] = defaultdict(int)
+            for worker in data["workers"]:
+                states[worker["service"], worker["state"]] += 1
+            for (service, state), n in sorted(states.items()):
+                workers.add_metric([service, state], n)
+            yield workers
 
 
 def parse_address(address: str) -> tuple[str | None, int]:
@@ -129,10 +145,12 @@ def parse_address(address: str) -> tuple[str | None, int]:
 class MetricsServer:
     """Answers ``GET /metrics`` on ``address`` with the server's metrics."""
 
-    def __init__(self, server: ProxymapServer, address: str) -> None:
+    def __init__(self, snapshot: Snapshot, address: str) -> None:
         self.address = address
+        self.snapshot = snapshot
+        self.collector = StatusCollector()
         self.registry = CollectorRegistry()
-        self.registry.register(ServerCollector(server))
+        self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
         self._listener: asyncio.Server | None = None
 
@@ -157,6 +175,7 @@ class MetricsServer:
             elif path not in (b"/metrics", b"/"):
                 code, body = "404 Not Found", b"try /metrics\n"
             else:
+                self.collector.status = await self.snapshot()
                 code, body = "200 OK", generate_latest(self.registry)
             kind = CONTENT_TYPE_LATEST if code == "200 OK" else "text/plain"
             writer.write(

@@ -66,9 +66,11 @@ an update short; it exits on the EOF that follows.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import getopt
+import json
 import logging
 import os
 import resource
@@ -80,8 +82,10 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from .. import privileges
 from .. import settings as settings_mod
@@ -89,6 +93,7 @@ from ..config.maincf import ConfigError, MainCf, split_nameval
 from ..logs import PostfixLogHandler, RedactingFormatter, install
 from ..privileges import drop_privileges
 from ..settings import Settings
+from .admin import MAX_LINE, AdminServer, ServerControl
 from .app import ProxymapServer, ServiceSlot
 from .session import Session
 
@@ -296,6 +301,12 @@ class MasterStatus:
             self._taken.discard(reason)
             self._sync()
 
+    def beat(self) -> None:
+        """Say again what we are: our own supervisor takes silence for a hung worker."""
+        with self._lock:
+            if not self.gone:
+                self._write(self.state)
+
     def cycle(self) -> bool:
         """TAKEN then AVAIL, when AVAIL: master counts one completed use."""
         with self._lock:
@@ -485,8 +496,40 @@ class _MasterServer(ProxymapServer):
         await super().stop()
 
 
+SUPERVISOR_ENV = "PYPROXYMAP_SUPERVISOR"
+
+
+@dataclass(frozen=True)
+class Supervised:
+    """What pyproxymap's own supervisor (``serve`` with ``workers``) tells a worker it
+    starts, in ``$PYPROXYMAP_SUPERVISOR``; absent under Postfix's master."""
+
+    settings_file: str  # pyproxymap.toml as the supervisor read it
+    settings: dict[str, Any]  # settings given on the supervisor's command line
+    processes: int  # workers of every service: per-table bounds are shared by them
+    control_fd: int  # a connected stream socket: the supervisor's admin commands
+
+    @classmethod
+    def from_env(cls) -> Supervised | None:
+        text = os.environ.get(SUPERVISOR_ENV)
+        if not text:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise Fatal(f"${SUPERVISOR_ENV}: {e}") from None
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+
 class MasterChild:
-    """One child's life: serve, keep master informed, exit when a limit or master says so."""
+    """One child's life: serve, keep master informed, exit when a limit or master says so.
+
+    Run by our own supervisor (``supervised``), it also reloads on SIGHUP without
+    dropping a connection, answers the supervisor on an admin socket of its own, and
+    repeats its status every HEARTBEAT so that a hung worker is noticed and killed.
+    """
 
     def __init__(
         self,
@@ -496,8 +539,13 @@ class MasterChild:
         listener: socket.socket,
         status: MasterStatus,
         limits: Limits,
+        *,
+        supervised: Supervised | None = None,
+        reread: Callable[[], tuple[MainCf, Settings]] | None = None,
     ) -> None:
         self.role = role
+        self.supervised = supervised
+        self.reread = reread
         self.listener = listener
         self.status = status
         self.limits = limits
@@ -518,7 +566,7 @@ class MasterChild:
         self._started = False
         self._beat = time.monotonic()
         self._stopping = threading.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
@@ -535,6 +583,8 @@ class MasterChild:
         self._arm_idle()
         self._heartbeat()
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+        if self.supervised is not None:
+            await self._serve_supervisor()
         loop.call_soon(self._mark_started, 0)
         log.debug("%s: serving, pid %d", self.role, os.getpid())
         try:
@@ -547,6 +597,27 @@ class MasterChild:
         finally:
             self._stopping.set()
         return 0
+
+    async def _serve_supervisor(self) -> None:
+        """SIGHUP reloads in place; the supervisor's admin commands (status, reload,
+        flush) come over a socket pair, so no file name exposes them to anyone else."""
+        assert self.supervised is not None and self.reread is not None
+        reread = self.reread
+
+        async def reload() -> str | None:
+            return await self.server.reload_from(reread)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(reload()))
+        control = socket.socket(fileno=self.supervised.control_fd)
+        reader, writer = await asyncio.open_unix_connection(sock=control, limit=MAX_LINE)
+        admin_server = AdminServer(ServerControl(self.server, reload), Path())
+        self._spawn(admin_server.serve_connection(reader, writer))
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def finish(self, reason: str) -> None:
         """Stop: no more accepting; requests received are answered, then we exit."""
@@ -562,6 +633,9 @@ class MasterChild:
     def _mark_started(self, tries: int) -> None:
         """The one TAKEN→AVAIL pair, when no client waits (so master would not fork)."""
         if self._started or not self.accepting:
+            return
+        if self.supervised is not None:  # only Postfix's master counts uses
+            self._started = True
             return
         try:
             waiting = bool(select.select([self.listener], [], [], 0)[0])
@@ -611,6 +685,8 @@ class MasterChild:
     # -- watchdog ---------------------------------------------------------------------
     def _heartbeat(self) -> None:
         self._beat = time.monotonic()
+        if self.supervised is not None:
+            self.status.beat()
         assert self._loop is not None
         self._loop.call_later(HEARTBEAT, self._heartbeat)
 
@@ -633,8 +709,15 @@ class MasterChild:
 
 
 # -- entry point ------------------------------------------------------------------------
-def _load_settings(maincf: MainCf, role: str, verbose: int) -> Settings:
-    conf = settings_mod.load(maincf.config_dir / "pyproxymap.toml")
+def _load_settings(
+    maincf: MainCf, role: str, verbose: int, supervised: Supervised | None = None
+) -> Settings:
+    if supervised is None:
+        conf = settings_mod.load(maincf.config_dir / "pyproxymap.toml")
+    else:  # as the supervisor has them; our share of each table's bounds
+        given = argparse.Namespace(**supervised.settings)
+        conf = settings_mod.load(Path(supervised.settings_file), given)
+        conf = replace(conf, tables=conf.tables.shared_by(supervised.processes))
     conf = replace(conf, services=role, log_level="debug" if verbose else conf.log_level)
     return conf.validate()
 
@@ -652,13 +735,20 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
         log.warning("-D: debugger_command is not supported (ignored)")
     generation = parse_generation(os.environ.get("GENERATION"))
     config_dir = os.environ.get("MAIL_CONFIG") or DEFAULT_CONFIG_DIR
+    supervised = Supervised.from_env()
+
+    def reread() -> tuple[MainCf, Settings]:
+        maincf = MainCf.load(config_dir, args.overrides)
+        return maincf, _load_settings(maincf, role, args.verbose, supervised)
+
     try:
         maincf = MainCf.load(config_dir, args.overrides)
         setup_logging(log_tag(procname, maincf), level, args.log_stderr or os.isatty(2))
-        settings = _load_settings(maincf, role, args.verbose)
+        _, settings = reread()
         limits = Limits.from_maincf(maincf)
         queue_dir = maincf.get("queue_directory") or "/var/spool/postfix"
-        owner = maincf.get("mail_owner") or "postfix"
+        # Our own supervisor may name another account (the user setting).
+        owner = (supervised and settings.user) or maincf.get("mail_owner") or "postfix"
     except (ConfigError, ValueError) as e:
         raise Fatal(str(e)) from None
     logging.getLogger("pyproxymap").setLevel(settings.log_level.upper())
@@ -668,7 +758,7 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
         raise Fatal(f'chdir("{queue_dir}"): {e.strerror}') from None
     check_status_fd()
     (listener,) = adopt_listeners(args.socket_count)
-    close_on_exec(MASTER_LISTEN_FD + args.socket_count - 1)
+    close_on_exec(MASTER_LISTEN_FD + args.socket_count - (0 if supervised else 1))
     if role == "proxywrite":
         with contextlib.suppress(OSError):
             os.setsid()  # a process-group SIGTERM must not cut an update short
@@ -683,13 +773,19 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
         account = privileges.account(owner, source) if os.geteuid() == 0 else None
         if args.chroot:  # master.cf chroot column y: chroot to queue_directory
             privileges.chroot_to(queue_dir)
+        elif account is not None and supervised is not None:
+            # Our supervisor runs us from wherever it was installed, which the
+            # account may not read (a Python under /root): import everything now.
+            privileges.preload()
         if account is not None:
             drop_privileges(account)
     except privileges.PrivilegeError as e:
         raise Fatal(str(e)) from None
     status = MasterStatus(generation=generation)
     log.debug("%s: generation %o, config %s, %s", role, generation, config_dir, limits)
-    return MasterChild(maincf, settings, role, listener, status, limits)
+    return MasterChild(
+        maincf, settings, role, listener, status, limits, supervised=supervised, reread=reread
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
