@@ -163,9 +163,10 @@ class PostfixLogHandler(logging.Handler):
             self.sock = None
 
     def chrooted(self, root: str) -> None:
-        """After chroot(root): a path under ``root`` is reached from the new ``/``
-        when reconnecting (one outside it, such as /dev/log, is looked up inside)."""
-        inside = os.path.relpath(self.path, root)
+        """Called just before chroot(root): a path under ``root`` is reached from the
+        new ``/`` when reconnecting (one outside it, such as /dev/log, is looked up
+        inside the new root, as Postfix's chrooted daemons do)."""
+        inside = os.path.relpath(os.path.realpath(self.path), os.path.realpath(root))
         if inside != os.curdir and not inside.startswith(os.pardir):
             self.path = "/" + inside
 
@@ -281,7 +282,7 @@ def setup(
 
 
 def chrooted(root: str) -> None:
-    """Tell the syslog and postlog handlers that the process is now chrooted to ``root``."""
+    """Tell the syslog and postlog handlers that the process is about to chroot to ``root``."""
     for handler in logging.getLogger("pyproxymap").handlers:
         if isinstance(handler, PostfixLogHandler):
             handler.chrooted(root)

@@ -23,7 +23,9 @@ import os
 import pkgutil
 import pwd
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path, PosixPath
 
 from . import logs
 
@@ -173,3 +175,67 @@ def inside(root: str, path: str) -> str | None:
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return None
     return "/" + rel
+
+
+class KeptPath(PosixPath):
+    """A socket path that the server, once unprivileged, cannot remove: left in place
+    when it stops, as Postfix's master leaves its sockets (the next start replaces a
+    stale socket)."""
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """How ``pyproxymap serve`` started as root gives up root once its sockets are
+    bound: chroot to ``root`` (None: no chroot), then run as ``account`` (None: stay
+    root, as a Postfix service with unpriv n)."""
+
+    account: Account | None
+    root: str | None = None
+
+    def enter(self, paths: Sequence[Path]) -> list[Path]:
+        """Chroot (optional) and drop privileges. ``paths`` (socket files the server
+        removes when it stops) are returned as the process sees them afterwards: from
+        within the chroot, or as KeptPath when it may no longer remove them."""
+        seen = [path if self.root is None else inside(self.root, str(path)) for path in paths]
+        if self.root is not None:
+            chroot_to(self.root)
+        if self.account is not None:
+            drop_privileges(self.account)
+        out: list[Path] = []
+        for path, now in zip(paths, seen, strict=True):
+            if now is None or not os.access(os.path.dirname(now), os.W_OK | os.X_OK):
+                out.append(KeptPath(now or path))
+            else:
+                out.append(Path(now))
+        return out
+
+
+def standalone(
+    user: str, source: str, chroot: str | None, unprivileged: bool = True
+) -> Standalone | None:
+    """The privilege drop of a standalone server: None when there is nothing to do.
+    Not started as root, it keeps running as the user that started it (a chroot then
+    cannot be done); ``unprivileged=False`` keeps root (``user`` is not looked up)."""
+    if os.geteuid() != 0:
+        me = _name_of(os.geteuid())
+        if chroot is not None:
+            raise PrivilegeError(
+                f"chroot to {chroot} needs root: started as {me} (set chroot = false, "
+                "or start pyproxymap serve as root)"
+            )
+        log.debug("not started as root: running as %s", me)
+        return None
+    if not unprivileged:
+        log.warning("unprivileged = false: running as root")
+        return Standalone(None, chroot) if chroot is not None else None
+    return Standalone(account(user, source), chroot)
+
+
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

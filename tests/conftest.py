@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVE = [sys.executable, "-m", "pyproxymap.cli", "serve"]
 
 
 def write_confdir(root: Path, main_cf: str) -> Path:
@@ -75,7 +76,9 @@ class RunningServer:
         self.log_path = confdir / "server.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyproxymap.cli", "serve", "-c", str(confdir), *args],
+            # Stays root (tables live in root's private temp dirs); the privilege drop
+            # of a root-started server is tested in tests/server/test_privileges.py.
+            [*SERVE, "-c", str(confdir), "--no-unprivileged", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
