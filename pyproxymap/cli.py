@@ -121,7 +121,11 @@ def _privilege_drop(
         source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
     chroot = queue if conf.chroot else None
     plan = privileges.standalone(user, source, chroot, conf.unprivileged)
-    if plan is None or getattr(conf, "workers", 0):
+    if plan is not None and conf.workers:
+        if conf.chroot or conf.user:  # each worker drops to mail_owner itself (-u)
+            log.warning("workers run as mail_owner, not chrooted: user and chroot ignored")
+        return None
+    if plan is None:
         return None
     root = plan.root
 
