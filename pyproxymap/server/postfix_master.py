@@ -765,12 +765,15 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
     _raise_open_file_limit()
     time.tzset()
     if os.geteuid() == 0 and not args.unprivileged:
-        raise Fatal(
-            "refusing to run as root: set the unpriv column of this master.cf entry to - or y"
-        )
+        if supervised is None:
+            raise Fatal(
+                "refusing to run as root: set the unpriv column of this master.cf entry to - or y"
+            )
+        log.warning("unprivileged = false: running as root")  # our supervisor's setting
     try:  # as chroot_uid(): the account is looked up before the chroot
         source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
-        account = privileges.account(owner, source) if os.geteuid() == 0 else None
+        dropping = os.geteuid() == 0 and args.unprivileged
+        account = privileges.account(owner, source) if dropping else None
         if args.chroot:  # master.cf chroot column y: chroot to queue_directory
             privileges.chroot_to(queue_dir)
         elif account is not None and supervised is not None:

@@ -233,7 +233,11 @@ class Supervisor:
             processes=self.processes,
             control_fd=CONTROL_FD,
         ).to_env()
-        argv = [sys.executable, "-c", WORKER_CODE, "-t", "unix", "-u", "-V", "-n", service]
+        argv = [sys.executable, "-c", WORKER_CODE, "-t", "unix", "-V", "-n", service]
+        if self.settings.unprivileged:
+            argv.append("-u")  # as master.cf's unpriv column: drop to the user
+        if self.settings.chroot:
+            argv.append("-c")  # as master.cf's chroot column
         for name, value in self.overrides.items():
             argv += ["-o", f"{name}={value}"]
         if self.settings.log_level.lower() == "debug":
@@ -426,6 +430,9 @@ class Supervisor:
             return f"reload refused, still serving the previous configuration: {e}"
         self.maincf, self.settings = maincf, settings
         errors = []
+        if settings.chroot:  # chrooted workers cannot read it: new workers will
+            for worker in self.workers:
+                self._retire(worker)
         for worker, answer in await self._ask_all({"command": "reload"}):
             if isinstance(answer, BaseException):
                 errors.append(f"worker pid {worker.pid}: {answer}")
