@@ -121,11 +121,7 @@ def _privilege_drop(
         source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
     chroot = queue if conf.chroot else None
     plan = privileges.standalone(user, source, chroot, conf.unprivileged)
-    if plan is not None and conf.workers:
-        if conf.chroot or conf.user:  # each worker drops to mail_owner itself (-u)
-            log.warning("workers run as mail_owner, not chrooted: user and chroot ignored")
-        return None
-    if plan is None:
+    if plan is None or conf.workers:  # workers chroot and drop privileges themselves
         return None
     root = plan.root
 

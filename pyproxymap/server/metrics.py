@@ -123,7 +123,8 @@ class StatusCollector:
         )
         if "workers" in data:
             workers = GaugeMetricFamily(
-                "pyproxymap_workers", "Worker processes, by service and state.",
+                "pyproxymap_workers",
+                "Worker processes, by service and state.",
                 labels=["service", "state"],
             )
             states: defaultdict[tuple[str, str], int] = defaultdict(int)
