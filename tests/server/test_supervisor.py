@@ -23,8 +23,11 @@ from pyproxymap.client import Client, ProxymapError
 from pyproxymap.settings import TableSettings
 from pyproxymap.tables.base import TableOptions
 from tests.conftest import ROOT, backdate, write_confdir
+from tests.server import test_privileges as priv
+from tests.server.test_privileges import Serve, _ids, _main_cf, _postfix, _queue, needs_root
 
 parser = pytest.importorskip("prometheus_client.parser")
+site = priv.site  # a directory the postfix account can traverse
 
 
 def free_port() -> int:
@@ -308,3 +311,28 @@ def test_table_bounds_are_divided_among_the_workers():
     assert (shared.defaults.max_connections, shared.defaults.cache_size) == (2, 2500)
     # Never below one connection each: more workers than connections gives each one.
     assert shared.options_for("pgsql:/x").max_connections == 1
+
+
+@needs_root
+@pytest.mark.parametrize("chroot", [False, True])
+def test_workers_started_as_root_serve_as_mail_owner_optionally_chrooted(site, chroot):
+    owner = _postfix()
+    queue = _queue(site / "q")
+    table = (queue if chroot else site) / "t"
+    table.write_text("k v\n")
+    backdate(table)
+    spec = "texthash:/t" if chroot else f"texthash:{table}"
+    _main_cf(site, queue, f"proxy_read_maps = proxy:{spec}\n")
+    (site / "pyproxymap.toml").write_text(f"workers = 1\nchroot = {str(chroot).lower()}\n")
+    srv = Serve(site, queue).started()
+    try:
+        [worker] = wait_for(lambda: workers(site), what="a worker")
+        assert _ids(worker, "Uid") == [owner.pw_uid] * 4
+        assert _ids(srv.proc.pid, "Uid") == [0] * 4  # the supervisor stays root, as master
+        root = os.readlink(f"/proc/{worker}/root")
+        assert root == (str(queue.resolve()) if chroot else "/")
+        with Client(srv.socket()) as c:
+            assert c.lookup(spec, "k") == b"v"
+        assert srv.stop() == 0
+    finally:
+        srv.stop()
