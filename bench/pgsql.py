@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         print("pgsql.py must run as root (it starts a Postfix master).", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if "MAIL_CONFIG" not in os.environ and not Path("/etc/postfix/main.cf").exists():
+        # Debian installs Postfix without a main.cf; postmap and postconf need one.
+        confdir = _readable_dir(_readable_dir(CACHE_DIR) / "mail-config")
+        (confdir / "main.cf").write_text("compatibility_level = 3.6\n")
+        (confdir / "master.cf").touch()
+        os.environ["MAIL_CONFIG"] = str(confdir)
     setup_db(args.db, args.keys)
     lmdb = build_table("lmdb", args.keys)
     cfdir = _readable_dir(_readable_dir(CACHE_DIR) / "pgsql")

@@ -39,7 +39,7 @@ import random
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from logging import Logger
@@ -96,12 +96,15 @@ class Backend(ABC, Generic[C]):
         """A new connection; ConnectFailed when the host cannot be used."""
 
     @abstractmethod
-    async def query(self, conn: C, sql_for: SqlFor) -> Rows:
-        """Quote and run the query; QueryFailed, or a TableError for this lookup only."""
+    def query(self, conn: C, sql_for: SqlFor) -> Awaitable[Rows]:
+        """Quote and run the query; QueryFailed, or a TableError for this lookup only.
+
+        A coroutine, run as a task, or a future, whose cancel() may let it end later:
+        the connection keeps its place in the count until it has."""
 
     @abstractmethod
-    async def ping(self, conn: C) -> None:
-        """Raise QueryFailed when the connection no longer works."""
+    def ping(self, conn: C) -> Awaitable[object]:
+        """Raise QueryFailed when the connection no longer works (as query())."""
 
     @abstractmethod
     def close(self, conn: C) -> None:
@@ -145,7 +148,7 @@ class Pool(Generic[C]):
         self._idle: list[_Conn[C]] = []
         self._waiters: deque[asyncio.Future[_Conn[C] | None]] = deque()
         self._live = 0  # slots in use: connections open, being opened or being closed
-        self._pending: set[asyncio.Task[Any]] = set()  # abandoned work, ending on its own
+        self._pending: set[asyncio.Future[Any]] = set()  # abandoned work, ending on its own
         self._closed = False
         self._backoff = Backoff()  # paces attempts while every host is down
 
@@ -195,7 +198,7 @@ class Pool(Generic[C]):
                 host.conns = 0
         return loop
 
-    async def _settle(self, task: asyncio.Task[T], until: float) -> T:
+    async def _settle(self, task: asyncio.Future[T], until: float) -> T:
         """The task's result by ``until``. Otherwise cancel it and raise TimeoutError
         (CancelledError when we are cancelled): the caller leaves it to end on its own."""
         assert self._loop is not None
@@ -209,10 +212,10 @@ class Pool(Generic[C]):
             raise TimeoutError
         return task.result()
 
-    def _later(self, task: asyncio.Task[T], cleanup: Callable[[asyncio.Task[T]], None]) -> None:
+    def _later(self, task: asyncio.Future[T], cleanup: Callable[[asyncio.Future[T]], None]) -> None:
         """Run ``cleanup`` when an abandoned task ends; keep it referenced until then."""
 
-        def done(finished: asyncio.Task[T]) -> None:
+        def done(finished: asyncio.Future[T]) -> None:
             self._pending.discard(finished)
             if not finished.cancelled():
                 finished.exception()  # retrieved: nobody else will
@@ -325,7 +328,7 @@ class Pool(Generic[C]):
             self._backoff.succeeded()
             return _Conn(raw, host, now, now)
 
-    def _connect_abandoned(self, task: asyncio.Task[C]) -> None:
+    def _connect_abandoned(self, task: asyncio.Future[C]) -> None:
         """A connect we stopped waiting for ended: close what it made, free its slot."""
         if not task.cancelled() and task.exception() is None:
             with suppress(Exception):
