@@ -87,7 +87,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import privileges
+from .. import logs, privileges
 from .. import settings as settings_mod
 from ..config.maincf import ConfigError, MainCf, split_nameval
 from ..logs import PostfixLogHandler, RedactingFormatter, install
@@ -745,6 +745,9 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
         maincf = MainCf.load(config_dir, args.overrides)
         setup_logging(log_tag(procname, maincf), level, args.log_stderr or os.isatty(2))
         _, settings = reread()
+        if supervised is not None:  # log where and as the supervisor logs
+            level_name = "debug" if args.verbose else settings.log_level
+            logs.setup(level_name, settings.log_destination, maincf)
         limits = Limits.from_maincf(maincf)
         queue_dir = maincf.get("queue_directory") or "/var/spool/postfix"
         # Our own supervisor may name another account (the user setting).

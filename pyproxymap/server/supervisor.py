@@ -233,7 +233,7 @@ class Supervisor:
             processes=self.processes,
             control_fd=CONTROL_FD,
         ).to_env()
-        argv = [sys.executable, "-c", WORKER_CODE, "-t", "unix", "-V", "-n", service]
+        argv = [sys.executable, "-c", WORKER_CODE, "-t", "unix", "-n", service]
         if self.settings.unprivileged:
             argv.append("-u")  # as master.cf's unpriv column: drop to the user
         if self.settings.chroot:

@@ -4,14 +4,18 @@ them; a bounded wait in line; idle connections closed; one pool per connection s
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from pyproxymap.client import Client
 from pyproxymap.tables.base import TableRetry
 from tests.backends.conftest import Database, lookup, open_table, run
+from tests.conftest import write_confdir
 
 pytestmark = pytest.mark.backends
 
@@ -117,3 +121,38 @@ def test_tables_with_the_same_settings_share_a_pool(sqlite_db: Database, tmp_pat
     finally:
         for table in (a, b, c):
             table.close()
+
+
+def test_worker_processes_share_one_connection_bound(
+    server_db: Database, tmp_path: Path, serve
+) -> None:
+    """max_connections bounds the whole service: 3 proxymap workers and the proxywrite
+    one get 4 // 4 = 1 connection each, however many clients ask at once."""
+    cf = server_db.cf(tmp_path / "count.cf", query=COUNTING[server_db.kind])
+    probe = open_table(server_db.kind, cf, max_connections=1)
+    try:  # connections of earlier tests close asynchronously: wait for none
+        deadline = time.monotonic() + 5
+        while int(run(lookup(probe, b"x@y")) or 0) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        probe.close()
+    spec = f"{server_db.kind}:{cf}"
+    conf = write_confdir(tmp_path, f"proxy_read_maps = proxy:{spec}\n")
+    (conf / "pyproxymap.toml").write_text(
+        "workers = 3\n[table_defaults]\nmax_connections = 4\npool_wait = 20\n"
+    )
+    server = serve(conf)
+    deadline = time.monotonic() + 20
+    while len(set(re.findall(r"pyproxymap/\w+\[(\d+)\]: listening", server.log()))) < 4:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+    def ask(n: int) -> int:
+        with Client(server.socket(), timeout=30) as client:
+            return int(client.lookup(spec, f"user{n}@example.com") or 0)
+
+    with ThreadPoolExecutor(40) as pool:
+        counts = list(pool.map(ask, range(80)))
+    assert max(counts) <= 4, counts
+    assert max(counts) >= 2, counts  # several workers did query side by side
