@@ -229,7 +229,7 @@ def standalone(
         log.debug("not started as root: running as %s", me)
         return None
     if not unprivileged:
-        log.warning("unprivileged = false: running as root")
+        log.info("unprivileged = false: running as root")
         return Standalone(None, chroot) if chroot is not None else None
     return Standalone(account(user, source), chroot)
 
