@@ -221,7 +221,7 @@ proxy_read_maps = {" ".join(f"proxy:{t}" for t in (table, *extra_maps))}
             sock,
             table,
             lambda: CpuMeter(master_and(master)),
-            f"Postfix {sh('postconf', '-h', 'mail_version')} throwaway instance "
+            f"Postfix {sh('postconf', '-dh', 'mail_version')} throwaway instance "
             f"(config {etc}, master pid {master})",
             master,
         )
@@ -279,6 +279,7 @@ def our_server(
     poll: float = 0.1,
     toml: str = "",
     write_maps: tuple[str, ...] = (),
+    name: str = "ours",
 ) -> Iterator[Target]:
     """Our server in the foreground, on its own queue directory; SIGTERM at the end.
 
@@ -322,7 +323,7 @@ def our_server(
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{shlex.join(cmd)} log:\n{tail(log)}") from e
         yield Target(
-            "ours",
+            name,
             sock,
             table,
             lambda: CpuMeter(descendants(proc.pid)),
@@ -390,22 +391,26 @@ RATIO_METRICS = {
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """ours / postfix per concurrency, on the median over rounds of each metric."""
+    """Each of ours (one process, or ``ours-wN`` with N workers) / postfix per
+    concurrency, on the median over rounds of each metric."""
     out = []
-    for conns in sorted({r["conns"] for r in rows}):
-        med = {}
-        for name in ("ours", "postfix"):
-            ok = [
-                r for r in rows if r["target"] == name and r["conns"] == conns and not r["errors"]
-            ]
-            if ok:
-                med[name] = {m: statistics.median(r[m] for r in ok) for m in RATIO_METRICS.values()}
-        if len(med) == 2:
-            a, b = med["ours"], med["postfix"]
-            out.append(
-                {"conns": conns}
-                | {k: a[m] / b[m] if b[m] else float("nan") for k, m in RATIO_METRICS.items()}
-            )
+    names = list(dict.fromkeys(r["target"] for r in rows if r["target"] != "postfix"))
+    for name in names:
+        for conns in sorted({r["conns"] for r in rows}):
+            med = {}
+            for who in (name, "postfix"):
+                ok = [r for r in rows if r["target"] == who and r["conns"] == conns]
+                ok = [r for r in ok if not r["errors"]]
+                if ok:
+                    med[who] = {
+                        m: statistics.median(r[m] for r in ok) for m in RATIO_METRICS.values()
+                    }
+            if len(med) == 2:
+                a, b = med[name], med["postfix"]
+                out.append(
+                    {"target": name, "conns": conns}
+                    | {k: a[m] / b[m] if b[m] else float("nan") for k, m in RATIO_METRICS.items()}
+                )
     return out
 
 
@@ -442,6 +447,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="{bindir}/pyproxymap serve -c {conf}",
         help="our server's command; {bindir}=this python's bin dir, {conf}=config dir",
     )
+    ap.add_argument(
+        "--workers",
+        default="",
+        help="also run ours with these worker counts, e.g. 2,3 (targets ours-w2, ours-w3)",
+    )
     ap.add_argument("--warmup", type=int, default=200, help="untimed lookups per connection")
     ap.add_argument(
         "--warmup-time", type=float, default=2.0, help="untimed run per target before rows"
@@ -452,6 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     args = ap.parse_args(argv)
     args.conns = [int(c) for c in args.conns.split(",") if c]
+    args.workers = [int(w) for w in args.workers.split(",") if w]
     args.targets = [t for t in args.targets.split(",") if t]
     if not args.targets or set(args.targets) - {"ours", "postfix"}:
         ap.error("--targets takes ours and/or postfix")
@@ -465,6 +476,12 @@ def start_targets(
     targets: list[Target] = []
     if "ours" in args.targets:
         targets.append(stack.enter_context(our_server(top / "ours", [table], args.ours_cmd)))
+        for n in args.workers:
+            # Workers open the table when first asked: ready once the socket answers.
+            cmd = f"{args.ours_cmd} --workers {n}"
+            name = f"ours-w{n}"
+            server = our_server(top / name, [table], cmd, ready=None, name=name)
+            targets.append(stack.enter_context(server))
     if "postfix" in args.targets:
         if args.postfix == "system":
             targets.append(stack.enter_context(system_postfix(table, "--postfix system")))
@@ -561,11 +578,13 @@ def bench(
     if rat:
         over = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
         print(f"\nours / postfix{over}   (throughput > 1 and latency < 1 favour ours)")
-        print(f"{'conns':>5} {'lookups/s':>10} {'p50':>6} {'p99':>6} {'CPU/lookup':>10}")
+        print(
+            f"{'target':>8} {'conns':>5} {'lookups/s':>10} {'p50':>6} {'p99':>6} {'CPU/lookup':>10}"
+        )
         for r in rat:
             print(
-                f"{r['conns']:>5} {r['throughput']:>9.2f}x {r['p50']:>5.2f}x {r['p99']:>5.2f}x "
-                f"{r['cpu_per_lookup']:>9.2f}x"
+                f"{r['target']:>8} {r['conns']:>5} {r['throughput']:>9.2f}x {r['p50']:>5.2f}x "
+                f"{r['p99']:>5.2f}x {r['cpu_per_lookup']:>9.2f}x"
             )
     return rows
 
