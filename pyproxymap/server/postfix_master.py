@@ -772,7 +772,7 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
             raise Fatal(
                 "refusing to run as root: set the unpriv column of this master.cf entry to - or y"
             )
-        log.warning("unprivileged = false: running as root")  # our supervisor's setting
+        log.debug("unprivileged = false: running as root")  # the supervisor said so
     try:  # as chroot_uid(): the account is looked up before the chroot
         source = f"file {maincf.config_dir}/main.cf: parameter mail_owner"
         dropping = os.geteuid() == 0 and args.unprivileged

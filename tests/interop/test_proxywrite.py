@@ -245,15 +245,17 @@ def instance() -> Iterator[Path]:
     shutil.rmtree(root)
 
 
-def test_real_verify_daemon_caches_through_us_and_cleans_up(instance):
-    """A real verify(8) cache on btree, filled and cleaned through our proxywrite."""
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_real_verify_daemon_caches_through_us_and_cleans_up(instance, workers):
+    """A real verify(8) cache on btree, filled and cleaned through our proxywrite: one
+    process, or a supervisor with two proxymap workers and the proxywrite worker."""
     root, kind = instance, "btree"
     (root / "etc" / "main.cf").write_text(
         throwaway_postfix_main_cf(root, VERIFY_CF.format(kind=kind))
     )
     (root / "etc" / "master.cf").write_text(MASTER_CF)
     subprocess.run(["postfix", "-c", str(root / "etc"), "start"], check=True, timeout=60)
-    srv = InstanceServer(root / "etc")
+    srv = InstanceServer(root / "etc", "--workers", workers)
     cache = root / "data" / "verify_cache"
     addresses = [f"user{i}@example.com" for i in range(20)]
     try:
