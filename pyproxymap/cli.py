@@ -194,10 +194,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server, server_control = _serving(maincf, conf, args)
-    await server.start()
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(server.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server_control.reload()))
         # Where they listen is read at start only, as for the service sockets.
         control = admin.AdminServer(server_control, admin.admin_path(maincf, conf))
         await control.start()
@@ -208,10 +205,18 @@ async def _serve(
             metrics = MetricsServer(server_control.status, conf.metrics_address)
             await metrics.start()
             stack.push_async_callback(metrics.stop)
-        if drop is not None:  # started as root: from now on as the user, maybe chrooted
+        if drop is None:
+            await server.start()
+            stack.push_async_callback(server.stop)
+        else:  # started as root: bind, become the user (maybe chrooted), then serve
+            assert isinstance(server, ProxymapServer)  # workers drop privileges themselves
+            await server.start(accepting=False)
+            stack.push_async_callback(server.stop)
             names = list(server.socket_paths)
             *kept, control.path = drop([*server.socket_paths.values(), control.path])
             server.socket_paths.update(zip(names, kept, strict=True))
+            await server.accept()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server_control.reload()))
         log.info("pyproxymap started, config %s", maincf.config_dir)
         await stop.wait()
         log.info("stopping: letting in-flight requests finish")

@@ -98,7 +98,10 @@ class ProxymapServer:
     def services(self) -> dict[str, Service]:
         return {name: slot.service for name, slot in self.slots.items()}
 
-    async def start(self) -> None:
+    async def start(self, *, accepting: bool = True) -> None:
+        """Bind (or adopt) the sockets; serve at once, or (``accepting=False``) only
+        after ``accept()``: a server started as root binds, drops privileges, then
+        accepts, so that no client is ever served as root."""
         owner = self.maincf.get("mail_owner")
         try:
             for name, service in build_services(self.maincf, self.settings).items():
@@ -107,10 +110,12 @@ class ProxymapServer:
                 sock = self._listeners.get(name)
                 if sock is not None:
                     loop = asyncio.get_running_loop()
-                    server = await loop.create_unix_server(factory, sock=sock)
+                    server = await loop.create_unix_server(
+                        factory, sock=sock, start_serving=accepting
+                    )
                 else:
                     path = socket_path(self.maincf, self.settings, name)
-                    server = await listen_unix(path, factory, owner=owner)
+                    server = await listen_unix(path, factory, owner=owner, accepting=accepting)
                     self.socket_paths[name] = path
                 self._servers.append(server)
                 self._watch(service)
@@ -118,6 +123,11 @@ class ProxymapServer:
         except BaseException:
             await self.stop()
             raise
+
+    async def accept(self) -> None:
+        """Begin serving, after ``start(accepting=False)``."""
+        for server in self._servers:
+            await server.start_serving()
 
     def _watch(self, service: Service) -> None:
         interval = self.settings.reload_check_interval

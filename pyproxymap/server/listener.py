@@ -63,7 +63,13 @@ def bind_unix(path: Path, *, owner: str | None, backlog: int = 511) -> socket.so
 
 
 async def listen_unix(
-    path: Path, factory: Callable[[], asyncio.Protocol], *, owner: str | None, backlog: int = 511
+    path: Path,
+    factory: Callable[[], asyncio.Protocol],
+    *,
+    owner: str | None,
+    backlog: int = 511,
+    accepting: bool = True,
 ) -> asyncio.Server:
     sock = bind_unix(path, owner=owner, backlog=backlog)
-    return await asyncio.get_running_loop().create_unix_server(factory, sock=sock)
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(factory, sock=sock, start_serving=accepting)
