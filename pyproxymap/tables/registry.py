@@ -3,15 +3,21 @@
 A third-party table type is a Python package that declares an entry point in
 the ``pyproxymap.tables`` group: ``mytype = mypackage.module:MyTable``, where
 ``MyTable`` subclasses :class:`pyproxymap.tables.base.Table`. Built-in names
-cannot be overridden by a plugin.
+cannot be overridden by a plugin. As Postfix loads a dynamic map type only from a
+file owned by root (or by itself) that no group or other user may write
+(dynamicmaps.c), a plugin whose module files are owned or writable by other users is
+refused: code that someone else can change never runs in a root-started server.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import os
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from .base import Table
 
@@ -65,11 +71,43 @@ def _plugins() -> dict[str, str]:
     return found
 
 
+def unsafe_file(module: str) -> str | None:
+    """A file of ``module``'s top-level package (or module) that is owned by a user
+    other than root or us, or writable by group or others; None when all are safe.
+    Looked at before anything of it is imported."""
+    spec = importlib.util.find_spec(module.split(".")[0])
+    if spec is None:
+        return None  # the import will fail and say so
+    files = [Path(spec.origin)] if spec.has_location and spec.origin else []
+    for location in spec.submodule_search_locations or ():
+        files += [Path(location), *Path(location).rglob("*")]
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return str(path)
+    return None
+
+
 @cache
 def driver_for(type_name: str) -> type[Table] | None:
-    """The driver class for a table type, or None when the type is unknown."""
-    target = BUILTIN.get(type_name) or _plugins().get(type_name)
-    return _load(target) if target else None
+    """The driver class for a table type, or None when the type is unknown (or, for a
+    plugin, refused as Postfix refuses a map library others can change)."""
+    if type_name in BUILTIN:
+        return _load(BUILTIN[type_name])
+    target = _plugins().get(type_name)
+    if target is None:
+        return None
+    if bad := unsafe_file(target.partition(":")[0]):
+        log.warning(
+            "unsupported dictionary type: %s (%s: file is owned or writable by other users)",
+            type_name,
+            bad,
+        )
+        return None
+    return _load(target)
 
 
 def known_types() -> list[str]:

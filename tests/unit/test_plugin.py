@@ -7,6 +7,9 @@ one that lists the example plugin of ``examples/plugin-table``.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
+import sys
 from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -66,3 +69,41 @@ def test_plugin_cannot_override_a_builtin_type(
         assert registry.driver_for("static") is StaticTable
         assert registry.known_types().count("static") == 1
     assert "plugin table type static ignored: it is a built-in type" in caplog.messages
+
+
+@pytest.mark.parametrize("change", ["group-writable", "other-writable", "owned-by-nobody"])
+def test_plugin_files_others_can_change_are_refused_as_postfix_refuses_them(
+    plugins: list[EntryPoint],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
+    module = tmp_path / "pyproxymap_upper_copy.py"
+    module.write_text((EXAMPLE / "pyproxymap_upper.py").read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.append(EntryPoint(name="upper", value="pyproxymap_upper_copy:UpperTable", group=GROUP))
+    if change == "owned-by-nobody":
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root (CI runs as root)")
+        os.chown(module, pwd.getpwnam("nobody").pw_uid, -1)
+    else:
+        module.chmod(0o664 if change == "group-writable" else 0o646)
+    with caplog.at_level(logging.WARNING, logger="pyproxymap"):
+        assert registry.driver_for("upper") is None
+    assert (
+        f"unsupported dictionary type: upper ({module}: file is owned or writable by other users)"
+        in caplog.messages
+    )
+    assert "pyproxymap_upper_copy" not in sys.modules  # refused before any import
+
+
+def test_a_plugin_only_root_or_we_can_change_is_loaded(
+    plugins: list[EntryPoint], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    module = tmp_path / "pyproxymap_upper_safe.py"
+    module.write_text((EXAMPLE / "pyproxymap_upper.py").read_text())
+    module.chmod(0o644)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.append(EntryPoint(name="upper", value="pyproxymap_upper_safe:UpperTable", group=GROUP))
+    assert registry.driver_for("upper") is not None
