@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ log = logging.getLogger("pyproxymap")
 CONTROL_FD = MASTER_LISTEN_FD + 1
 RECORD = struct.Struct("iIi")
 MAX_BACKOFF = 60.0
+#: How long a worker may take to answer an admin command (a hung one is the watchdog's).
+ASK_TIMEOUT = 10.0
 #: How a worker is started: the master(8) child entry point, named "pyproxymap" in logs.
 WORKER_CODE = (
     "import sys; from pyproxymap.server.postfix_master import main; "
@@ -384,7 +386,9 @@ class Supervisor:
                     sock=worker.control, limit=1 << 24
                 )
             reader, writer = worker.channel
-            return await ask_over(reader, writer, request, f"worker pid {worker.pid}")
+            return await ask_over(
+                reader, writer, request, f"worker pid {worker.pid}", timeout=ASK_TIMEOUT
+            )
 
     async def _ask_all(self, request: dict[str, Any]) -> list[tuple[Worker, Any]]:
         """Each ready worker's answer, or the exception it gave."""
@@ -428,6 +432,12 @@ class Supervisor:
         except Exception as e:
             log.error("reload refused, still serving the previous configuration: %s", e)
             return f"reload refused, still serving the previous configuration: {e}"
+        if not settings.workers:
+            log.warning(
+                "workers = 0 (one process, no supervisor) takes a restart: keeping %d",
+                self.settings.workers,
+            )
+            settings = replace(settings, workers=self.settings.workers)
         self.maincf, self.settings = maincf, settings
         errors = []
         if settings.chroot:  # chrooted workers cannot read it: new workers will
