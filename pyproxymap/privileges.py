@@ -84,8 +84,12 @@ def account(user: str, source: str = "") -> Account:
 
 
 def drop_privileges(user: str | Account, source: str = "") -> None:
-    """setgid, setgroups (the user's groups, as initgroups), setuid: for good."""
+    """setgid, setgroups (the user's groups, as initgroups), setuid: for good. Every
+    module a serving process may need is imported first: the account may not be able
+    to read where Python and the packages are installed (a Python under /root), and
+    Python imports lazily (psycopg when the first pgsql table opens)."""
     acct = user if isinstance(user, Account) else account(user, source)
+    preload()
     try:
         os.setgid(acct.gid)
         os.setgroups(list(acct.groups))

@@ -779,10 +779,6 @@ def _startup(argv: Sequence[str], procname: str) -> MasterChild:
         account = privileges.account(owner, source) if dropping else None
         if args.chroot:  # master.cf chroot column y: chroot to queue_directory
             privileges.chroot_to(queue_dir)
-        elif account is not None and supervised is not None:
-            # Our supervisor runs us from wherever it was installed, which the
-            # account may not read (a Python under /root): import everything now.
-            privileges.preload()
         if account is not None:
             drop_privileges(account)
     except privileges.PrivilegeError as e:

@@ -4,8 +4,13 @@ them; a bounded wait in line; idle connections closed; one pool per connection s
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import re
 import secrets
+import shutil
+import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +20,7 @@ import pytest
 from pyproxymap.client import Client
 from pyproxymap.tables.base import TableRetry
 from tests.backends.conftest import Database, lookup, open_table, run
-from tests.conftest import write_confdir
+from tests.conftest import ROOT, SERVE, write_confdir
 
 pytestmark = pytest.mark.backends
 
@@ -156,3 +161,43 @@ def test_worker_processes_share_one_connection_bound(
         counts = list(pool.map(ask, range(80)))
     assert max(counts) <= 4, counts
     assert max(counts) >= 2, counts  # several workers did query side by side
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+def test_started_as_root_the_server_drops_to_mail_owner_and_still_reaches_the_database(
+    server_db: Database,
+) -> None:
+    """The database driver is imported before the privilege drop: mail_owner may not be
+    able to read where it is installed (a Python under /root)."""
+    site = Path(tempfile.mkdtemp(prefix="pyproxymap-db-", dir="/tmp"))
+    try:
+        site.chmod(0o755)
+        cf = server_db.cf(site / "count.cf", query=COUNTING[server_db.kind])
+        cf.chmod(0o644)
+        queue = site / "q"
+        for sub in ("private", "public"):
+            (queue / sub).mkdir(parents=True)
+            shutil.chown(queue / sub, "postfix")
+        spec = f"{server_db.kind}:{cf}"
+        (site / "main.cf").write_text(
+            f"queue_directory = {queue}\ncompatibility_level = 3.6\nmail_owner = postfix\n"
+            f"proxy_read_maps = proxy:{spec}\n"
+        )
+        with (site / "log").open("w") as log:
+            proc = subprocess.Popen(
+                [*SERVE, "-c", str(site)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while "pyproxymap started" not in (site / "log").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            assert f"Uid:\t{pwd.getpwnam('postfix').pw_uid}\t" in status
+            with Client(queue / "private" / "proxymap") as client:
+                assert int(client.lookup(spec, "alice@example.com") or 0) >= 1
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
