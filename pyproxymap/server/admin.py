@@ -82,14 +82,28 @@ def admin_path(maincf: MainCf, settings: Settings) -> Path:
     return Path(queue) / "pyproxymap" / "admin"
 
 
-def status(server: ProxymapServer) -> dict[str, Any]:
-    """What ``pyproxymap status`` shows, as JSON-ready data."""
+class Running(Protocol):
+    """What the head of a status says about a server or a supervisor."""
+
+    maincf: MainCf
+    started: float
+    reloads: int
+    worker_restarts: int
+
+
+def status_head(running: Running) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
-        "config_dir": str(server.maincf.config_dir),
-        "uptime": round(time.time() - server.started, 3),
-        "reloads": server.reloads,
-        "worker_restarts": server.worker_restarts,
+        "config_dir": str(running.maincf.config_dir),
+        "uptime": round(time.time() - running.started, 3),
+        "reloads": running.reloads,
+        "worker_restarts": running.worker_restarts,
+    }
+
+
+def status(server: ProxymapServer) -> dict[str, Any]:
+    """What ``pyproxymap status`` shows, as JSON-ready data."""
+    return status_head(server) | {
         "services": {
             name: {"tables": _tables(slot.service)} for name, slot in server.slots.items()
         },

@@ -92,7 +92,7 @@ class ProxymapServer:
         self._accepting = True
         self.started = time.time()
         self.reloads = 0  # configurations swapped in
-        self.worker_restarts = 0  # stays 0 until there are worker processes
+        self.worker_restarts = 0  # one process: none (the supervisor counts its workers')
 
     @property
     def services(self) -> dict[str, Service]:

@@ -53,7 +53,7 @@ import pyproxymap
 
 from ..config.maincf import MainCf
 from ..settings import Settings
-from .admin import ask_over, merge_services
+from .admin import ask_over, merge_services, status_head
 from .app import build_services, socket_path
 from .listener import bind_unix
 from .postfix_master import (
@@ -406,12 +406,7 @@ class Supervisor:
             else:
                 parts.append(answer["status"])
         now = time.monotonic()
-        return {
-            "pid": os.getpid(),
-            "config_dir": str(self.maincf.config_dir),
-            "uptime": round(time.time() - self.started, 3),
-            "reloads": self.reloads,
-            "worker_restarts": self.worker_restarts,
+        return status_head(self) | {
             "workers": [
                 {
                     "pid": w.pid,
