@@ -163,3 +163,12 @@ def test_domain_list_errors(tmp_path: Path) -> None:
     assert allows(broken, b"u@a.example")
     with pytest.raises(TableRetry, match=r"open file .*/missing: No such file"):
         allows(broken, b"u@b.example")
+
+
+def test_result_codes_and_the_plain_format(caplog: pytest.LogCaptureFixture) -> None:
+    """%S and %U in result_format are the key's; "%s" alone passes each value through,
+    cut at a NUL, with empty values skipped as db_common_expand() skips them."""
+    assert templates("%s", "%S:%U=%s").results([(b"v",)], b"k") == b"k:k=v"
+    assert templates("%s", "[%s] 100%%").results([(b"v",)], b"k") == b"[v] 100%"
+    assert templates("%s").results([(b"a\0b", b"", b"c")], b"k") == b"a,c"
+    assert 'empty lookup result for: "k" -- ignored' in caplog.text

@@ -62,9 +62,12 @@ class SqlTable(Table):
         return self._lookup(key)
 
     async def _lookup(self, key: bytes) -> bytes | None:
-        if not await self._domain.allows(key) or self._templates.query(key) is None:
+        if self._domain and not await self._domain.allows(key):
             return None
-        sql_for = partial(self._templates.query, key)
+        parts = self._templates.query_parts(key)
+        if parts is None:
+            return None
+        sql_for = partial(self._templates.build_query, parts)
         rows = await self.pool.run(self._spec, sql_for, self.ctx.options.timeout)
         return checked_value(self.ctx, key, self._templates.results(rows, key))
 
