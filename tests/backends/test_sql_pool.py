@@ -201,3 +201,32 @@ def test_started_as_root_the_server_drops_to_mail_owner_and_still_reaches_the_da
             proc.wait(20)
     finally:
         shutil.rmtree(site, ignore_errors=True)
+
+
+def test_each_idle_connection_is_closed_at_its_own_limit(
+    postgres: Database, tmp_path: Path
+) -> None:
+    """One timer serves every idle connection: each still closes idle_interval after its
+    own last use, not when the first one does."""
+    cf = postgres.cf(
+        tmp_path / "idle2.cf",
+        query="SELECT '%s' FROM pg_sleep(0.05)",
+        idle_interval="1",
+    )
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=2)
+        try:
+            assert await asyncio.gather(lookup(table, b"a"), lookup(table, b"b")) == [b"a", b"b"]
+            assert table.stats()["pool_idle"] == 2
+            await asyncio.sleep(0.6)
+            assert await lookup(table, b"c") == b"c"  # uses one again: its idle time restarts
+            await asyncio.sleep(0.6)
+            assert table.stats()["pool_idle"] == 1
+            await asyncio.sleep(0.6)
+            assert table.stats()["pool_idle"] == 0
+            assert await lookup(table, b"d") == b"d"
+        finally:
+            table.close()
+
+    run(scenario())

@@ -41,7 +41,8 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from logging import Logger
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -114,13 +115,26 @@ class Backend(ABC, Generic[C]):
         """Release what the backend holds besides connections (threads)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Conn(Generic[C]):
     raw: C
     host: Host[Any]
     born: float
     used: float
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+#: What a waiter in line gets when its wait is over (``pool_wait`` or the deadline).
+_TIMED_OUT: Any = object()
+
+
+def _wake(waiter: asyncio.Future[Any], *_: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _time_out(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
 
 
 class Pool(Generic[C]):
@@ -151,6 +165,9 @@ class Pool(Generic[C]):
         self._pending: set[asyncio.Future[Any]] = set()  # abandoned work, ending on its own
         self._closed = False
         self._backoff = Backoff()  # paces attempts while every host is down
+        # One timer for every idle connection: it fires at the earliest idle or age limit.
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
 
     async def run(self, table: str, sql_for: SqlFor, timeout: float) -> Rows:
         """The rows the query returns, from the first host that answers; TableRetry when
@@ -193,6 +210,7 @@ class Pool(Generic[C]):
             for conn in self._idle:
                 self._close(conn)
             self._loop, self._idle, self._waiters, self._live = loop, [], deque(), 0
+            self._sweeper = None
             self._pending.clear()
             for host in self.hosts:
                 host.conns = 0
@@ -200,16 +218,28 @@ class Pool(Generic[C]):
 
     async def _settle(self, task: asyncio.Future[T], until: float) -> T:
         """The task's result by ``until``. Otherwise cancel it and raise TimeoutError
-        (CancelledError when we are cancelled): the caller leaves it to end on its own."""
-        assert self._loop is not None
-        try:
-            done, _ = await asyncio.wait((task,), timeout=max(0.0, until - self._loop.time()))
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not done:
-            task.cancel()
-            raise TimeoutError
+        (CancelledError when we are cancelled): the caller leaves it to end on its own.
+
+        One future and one timer, woken by whichever comes first: asyncio.wait()
+        would cost twice as much, and the task must outlive the wait."""
+        if not task.done():
+            assert self._loop is not None
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            wake = partial(_wake, waiter)
+            task.add_done_callback(wake)
+            timer = self._loop.call_at(until, _wake, waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                timer.cancel()
+                task.remove_done_callback(wake)
+                task.cancel()
+                raise
+            timer.cancel()
+            if not task.done():
+                task.remove_done_callback(wake)
+                task.cancel()
+                raise TimeoutError
         return task.result()
 
     def _later(self, task: asyncio.Future[T], cleanup: Callable[[asyncio.Future[T]], None]) -> None:
@@ -230,7 +260,6 @@ class Pool(Generic[C]):
         assert self._loop is not None
         while self._idle:
             conn = self._idle.pop()
-            self._cancel_timer(conn)
             if not self._reusable(conn) or conn.host in tried:
                 self._dispose(conn)
             elif self._loop.time() - conn.used < CHECK_AFTER or await self._alive(
@@ -268,26 +297,29 @@ class Pool(Generic[C]):
         waiter: asyncio.Future[_Conn[C] | None] = self._loop.create_future()
         self._waiters.append(waiter)
         started = self._loop.time()
+        timer = self._loop.call_at(min(deadline, started + self._wait), _time_out, waiter)
         try:
-            async with asyncio.timeout_at(min(deadline, started + self._wait)):
-                given = await waiter
-        except BaseException as e:
-            if waiter.done() and not waiter.cancelled():  # handed over just too late
-                late = waiter.result()
-                if late is None:
-                    self._free_slot()
-                else:
-                    self._release(late)
-            else:
+            given = await waiter
+        except BaseException:
+            timer.cancel()
+            late = waiter.result() if waiter.done() and not waiter.cancelled() else _TIMED_OUT
+            if late is _TIMED_OUT:
                 with suppress(ValueError):
                     self._waiters.remove(waiter)
-            if isinstance(e, TimeoutError):
-                waited = self._loop.time() - started
-                raise TableRetry(
-                    f"{table}: no free {self.backend.name} connection after {waited:.3g} s "
-                    f"({self.size} in use)"
-                ) from None
+            elif late is None:  # handed over just too late
+                self._free_slot()
+            else:
+                self._release(late)
             raise
+        timer.cancel()
+        if given is _TIMED_OUT:
+            with suppress(ValueError):
+                self._waiters.remove(waiter)
+            waited = self._loop.time() - started
+            raise TableRetry(
+                f"{table}: no free {self.backend.name} connection after {waited:.3g} s "
+                f"({self.size} in use)"
+            )
         if given is not None:
             if self._reusable(given) and given.host not in tried:
                 return given
@@ -379,24 +411,36 @@ class Pool(Generic[C]):
                 waiter.set_result(conn)
                 return
         self._idle.append(conn)
-        wait = min(self._max_idle, MAX_LIFETIME - (conn.used - conn.born))
-        conn.timer = self._loop.call_later(wait, self._expire, conn)
+        expires = self._expires(conn)
+        if self._sweeper is None or expires < self._sweep_at:
+            self._sweep_after(expires)
 
-    def _expire(self, conn: _Conn[C]) -> None:
-        """An idle connection reached its idle or age limit."""
-        if conn in self._idle:
-            self._idle.remove(conn)
-            self._dispose(conn)
+    def _expires(self, conn: _Conn[C]) -> float:
+        """When an idle connection reaches its idle or age limit."""
+        return min(conn.used + self._max_idle, conn.born + MAX_LIFETIME)
 
-    @staticmethod
-    def _cancel_timer(conn: _Conn[C]) -> None:
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
+    def _sweep_after(self, when: float) -> None:
+        assert self._loop is not None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_at = when
+        self._sweeper = self._loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the idle connections that reached their limit; wait for the next one."""
+        assert self._loop is not None
+        now = max(self._loop.time(), self._sweep_at)  # a timer may fire a little early
+        self._sweeper = None
+        expired = [c for c in self._idle if self._expires(c) <= now]
+        if expired:
+            self._idle = [c for c in self._idle if c not in expired]
+            for conn in expired:
+                self._dispose(conn)
+        if self._idle:
+            self._sweep_after(min(self._expires(c) for c in self._idle))
 
     def _close(self, conn: _Conn[C]) -> None:
         """Close a connection but keep its slot."""
-        self._cancel_timer(conn)
         conn.host.conns -= 1
         with suppress(Exception):  # a connection of a closed event loop, say
             self.backend.close(conn.raw)
@@ -437,6 +481,9 @@ class Pool(Generic[C]):
     def close(self) -> None:
         """Close idle connections now, busy ones when their lookup ends."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in self._idle:
             self._dispose(conn)
         self._idle.clear()
