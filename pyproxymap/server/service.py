@@ -110,26 +110,18 @@ class Service:
         table = self.tables.get(name, req.instance_flags)
         if not isinstance(table, Table):
             return self._call_when_open(req, table, start)
-        reply = self._call(req, table)
+        reply = self._call(req, table, start)
         if isinstance(reply, bytes):
             self._took(req, table, start)
-            return reply
-        return self._timed(req, table, reply, start)
+        return reply
 
     async def _call_when_open(self, req: Request, opening: Awaitable[Table], start: int) -> bytes:
         table = await opening
-        reply = self._call(req, table)
-        if not isinstance(reply, bytes):
-            reply = await reply
-        self._took(req, table, start)
-        return reply
-
-    async def _timed(
-        self, req: Request, table: Table, reply: Awaitable[bytes], start: int
-    ) -> bytes:
-        data = await reply
-        self._took(req, table, start)
-        return data
+        reply = self._call(req, table, start)
+        if isinstance(reply, bytes):
+            self._took(req, table, start)
+            return reply
+        return await reply
 
     def _took(self, req: Request, table: Table, start: int) -> None:
         """Time a reply (from ``start``, perf_counter_ns) and warn when it was slow."""
@@ -151,7 +143,9 @@ class Service:
                 slow,
             )
 
-    def _call(self, req: Request, table: Table) -> Reply:
+    def _call(self, req: Request, table: Table, start: int) -> Reply:
+        """The reply now, or a coroutine that also times it (one coroutine less per
+        request that waits)."""
         op = req.op
         if op == OPEN:
             return self._reply(req, Status.OK, req.instance_flags | table.flags)
@@ -175,17 +169,22 @@ class Service:
         except Exception as e:
             return self._failed(req, e)
         if result is not None and type(result) not in _READY and isawaitable(result):
-            return self._finish(req, result)
+            return self._finish(req, table, result, start)
         return self._succeeded(req, result)
 
-    async def _finish(self, req: Request, pending: Awaitable[Any]) -> bytes:
+    async def _finish(
+        self, req: Request, table: Table, pending: Awaitable[Any], start: int
+    ) -> bytes:
         try:
             result = await pending
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            return self._failed(req, e)
-        return self._succeeded(req, result)
+            reply = self._failed(req, e)
+        else:
+            reply = self._succeeded(req, result)
+        self._took(req, table, start)
+        return reply
 
     def _reply(
         self, req: Request, status: Status, flags: int = 0, key: bytes = b"", value: bytes = b""
