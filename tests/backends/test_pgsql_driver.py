@@ -210,3 +210,111 @@ async def recovered(table: Table, key: bytes) -> float:
         assert time.monotonic() - started < 3.0
         await asyncio.sleep(0.02)
     return time.monotonic() - started
+
+
+def backends(db: Postgres) -> int:
+    """Connections to the test database, besides the one counting them."""
+    with db._connect() as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return int(count)
+
+
+def test_lookups_share_a_connection_pipelined(pg: Postgres, tmp_path: Path) -> None:
+    """Many lookups at once on one connection: each gets its own answer, in any order."""
+    cf = pg.cf(tmp_path / "piped.cf", query="SELECT '%s' || '=' || pg_backend_pid()")
+    keys = [f"k{i}".encode() for i in range(60)]
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=1)
+        try:
+            got = await asyncio.gather(*(lookup(table, k) for k in keys))
+            pids = {answer.split(b"=")[1] for answer in got if answer}
+            assert [answer.split(b"=")[0] for answer in got if answer] == keys
+            assert len(pids) == 1
+            assert await asyncio.to_thread(backends, pg) == 1
+            assert table.stats() == {"pool_in_use": 0, "pool_idle": 1, "pool_waiting": 0}
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_several_statements_and_pipelined_ones_on_one_pool(pg: Postgres, tmp_path: Path) -> None:
+    """Tables with the same settings share the pool: a query of several statements (sent
+    as PQexec() sends it) waits for a connection of its own, between pipelined ones."""
+    single = pg.cf(tmp_path / "single.cf", query="SELECT 'one:%s';")
+    multi = pg.cf(tmp_path / "multi.cf", query="SELECT 'first'; SELECT 'last:%s'")
+
+    async def scenario() -> None:
+        one, several = open_table("pgsql", single), open_table("pgsql", multi)
+        assert one.pool is several.pool  # type: ignore[attr-defined]
+        try:
+            lookups = [lookup(one if i % 3 else several, f"{i}".encode()) for i in range(30)]
+            got = await asyncio.gather(*lookups)
+            assert got == [(b"one:%d" if i % 3 else b"last:%d") % i for i in range(30)]
+        finally:
+            one.close()
+            several.close()
+
+    run(scenario())
+
+
+def test_a_key_with_a_semicolon_is_sent_as_pqexec_sends_it(pg: Postgres, tmp_path: Path) -> None:
+    """An unquoted %s lets a key add statements: Postfix's PQexec() runs them all and
+    answers with the last one's rows, so we do too (the extended protocol would refuse)."""
+    cf = tmp_path / "unquoted.cf"
+    assert answers(pg, cf, "SELECT %s", [b"1; SELECT 2", b"3;"]) == [b"2", b"3"]
+
+
+def test_an_error_fails_only_its_own_pipelined_lookup(pg: Postgres, tmp_path: Path) -> None:
+    query = "SELECT CASE WHEN '%s' = 'bad' THEN (1/0)::text ELSE '%s' END"
+    got = answers(pg, tmp_path / "error.cf", query, [b"a", b"bad", b"c"], max_connections="1")
+    assert got[0] == b"a" and got[2] == b"c"
+    assert isinstance(got[1], TableRetry)
+
+
+def test_pipelined_lookups_past_their_deadline_are_cancelled(pg: Postgres, tmp_path: Path) -> None:
+    """A fast lookup sent behind a slow one on the same connection waits for it: both are
+    RETRY at their deadline, the server stops both queries, and the pool recovers."""
+    cf = pg.cf(tmp_path / "stuck.cf", query=SLEEPY)
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, timeout=0.3, max_connections=1)
+        try:
+            assert await lookup(table, b"warm") == b"warm"  # the connection is open and idle
+            started = time.monotonic()
+            got = await asyncio.gather(
+                lookup(table, b"slow"), lookup(table, b"fast"), return_exceptions=True
+            )
+            assert all(isinstance(g, TableRetry) for g in got)
+            assert time.monotonic() - started < 1.0
+            await asyncio.to_thread(lambda: assert_stopped(pg))
+            assert await recovered(table, b"fast") < 1.0
+            assert table.stats()["pool_in_use"] == 0
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_a_stalled_connection_takes_no_more_lookups(pg: Postgres, tmp_path: Path) -> None:
+    """Once a query has run for PIPELINE_STALL, later lookups wait in line (pool_wait)
+    rather than queue behind it on the server."""
+    cf = pg.cf(tmp_path / "stalled.cf", query=SLEEPY)
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=1, pool_wait=0.2)
+        try:
+            slow = asyncio.ensure_future(lookup(table, b"slow"))
+            await asyncio.sleep(0.3)
+            with pytest.raises(TableRetry, match="no free pgsql connection"):
+                await lookup(table, b"fast")
+            slow.cancel()
+            assert await recovered(table, b"fast") < 1.0
+        finally:
+            table.close()
+
+    run(scenario())

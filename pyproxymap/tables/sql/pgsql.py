@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import Callable, Hashable
 from contextlib import suppress
 from typing import Any
@@ -40,6 +41,13 @@ _PARAM_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 #: Seconds a query given up on may take to stop once the server is asked to cancel it.
 CANCEL_WAIT = 5.0
+#: Lookups one connection carries at once, pipelined.
+PIPELINE_DEPTH = 16
+#: Seconds after which a connection's oldest query holds up what would be sent after it:
+#: the connection then takes no more lookups until it has answered.
+PIPELINE_STALL = 0.1
+#: What may end a single statement: trailing semicolons add no statement.
+_TRAILING = b" \t\n\r\f\v;"
 
 try:
     import psycopg
@@ -49,7 +57,8 @@ except ImportError:  # optional dependency: pip install 'pyproxymap[pgsql]'
 else:
     _TUPLES_OK = pq.ExecStatus.TUPLES_OK
     _NO_ROWS = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.EMPTY_QUERY)
-    _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
+    _FAILED = (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED)
+    _SYNC = pq.ExecStatus.PIPELINE_SYNC
 
 
 def redact(uri: str) -> str:
@@ -68,6 +77,12 @@ def parse_host(entry: str) -> tuple[int, str, str]:
     return UNIX, name, ""
 
 
+def one_statement(sql: bytes) -> bool:
+    """Whether ``sql`` is certainly a single statement (no semicolon but trailing ones),
+    so the extended query protocol runs it as PQexec() would."""
+    return b";" not in sql.rstrip(_TRAILING)
+
+
 def _words(message: BaseException | str) -> str:
     """libpq's message on one line (it spreads hints over several)."""
     words = " ".join(str(message).split())
@@ -78,23 +93,31 @@ class PgConn:
     """One connection: psycopg's, for connecting and cancelling; its libpq handle for
     queries. ``quote`` is PQescapeStringConn() on this connection.
 
+    A single statement is sent in libpq's pipeline mode (the extended query protocol,
+    with a Sync of its own, so an error ends that query only), behind those already in
+    flight: the server reads several per system call and stays busy, and one read
+    here may bring several answers. Several statements are sent as PQexec() sends
+    them (the simple query protocol), on a connection with nothing else in flight.
+
     Queries are driven by the event loop's callbacks, with no task or coroutine per
     query: the socket stays registered for the connection's life, and what arrives
-    advances the query in flight (or, between queries, is read and set aside: a
+    advances the queries in flight (or, between queries, is read and set aside: a
     notice, the server hanging up).
     """
 
     __slots__ = (
-        "canceller",
+        "cancellers",
         "driver",
         "error",
         "fd",
         "giveup",
+        "inflight",
         "loop",
         "pgconn",
-        "query",
+        "piped",
         "quote",
         "rows",
+        "stopping",
     )
 
     def __init__(self, driver: psycopg.AsyncConnection[Any]) -> None:
@@ -103,87 +126,133 @@ class PgConn:
         self.quote: Quote = pq.Escaping(self.pgconn).escape_string
         self.fd = self.pgconn.socket
         self.loop = asyncio.get_running_loop()
-        self.query: Query | None = None
-        self.rows: Rows = []
+        self.inflight: deque[Query] = deque()  # oldest first; answers come in this order
+        self.piped = False  # libpq is in pipeline mode
+        self.stopping = False  # every query in flight was given up on: cancel them all
+        self.rows: Rows = []  # of the oldest query, so far
         self.error = ""
         self.giveup: asyncio.TimerHandle | None = None
-        self.canceller: asyncio.Future[None] | None = None
+        self.cancellers: set[asyncio.Future[None]] = set()
         self.loop.add_reader(self.fd, self._readable)
 
     def submit(self, sql: bytes) -> Query:
-        """Send ``sql`` as PQexec() sends it; the future gets the last statement's rows."""
-        self.query = query = Query(self)
-        self.rows, self.error = [], ""
+        """Send ``sql``; the future gets the last statement's rows, as from PQexec()."""
+        query = Query(self)
+        pgconn = self.pgconn
+        self.inflight.append(query)
         try:
-            self.pgconn.send_query(sql)
-            if self.pgconn.flush():  # a query too long for the socket buffer
+            if one_statement(sql):
+                if not self.piped:
+                    pgconn.enter_pipeline_mode()
+                    self.piped = True
+                pgconn.send_query_params(sql, None)
+                pgconn.pipeline_sync()
+            else:  # the pool gave us the connection alone
+                if self.piped:
+                    pgconn.exit_pipeline_mode()
+                    self.piped = False
+                pgconn.send_query(sql)
+            if pgconn.flush():  # a query too long for the socket buffer
                 self.loop.add_writer(self.fd, self._writable)
         except psycopg.Error as e:
-            self._end(e)
+            self._fail(e)
         return query
+
+    def stalled(self) -> bool:
+        return bool(self.inflight) and self.loop.time() - self.inflight[0].sent > PIPELINE_STALL
 
     def _writable(self) -> None:
         try:
             if not self.pgconn.flush():
                 self.loop.remove_writer(self.fd)
         except psycopg.Error as e:
-            self._end(e)
+            self._fail(e)
 
     def _readable(self) -> None:
         pgconn = self.pgconn
         try:
             pgconn.consume_input()
-            if self.query is None:
-                return  # between queries: a notice, a parameter change
-            while not pgconn.is_busy():
+            ended = False  # a query's results ended: in pipeline mode, its Sync is next
+            while self.inflight and not pgconn.is_busy():
                 res = pgconn.get_result()
                 if res is None:
-                    self._end(None)
-                    return
+                    if self.piped and not ended:
+                        ended = True
+                        continue
+                    if not self.piped:
+                        self._next()
+                    break
+                ended = False
                 status = res.status
                 if status == _TUPLES_OK:
                     get, columns = res.get_value, range(res.nfields)
                     self.rows = [[get(r, c) or b"" for c in columns] for r in range(res.ntuples)]
                 elif status in _NO_ROWS:
                     self.rows = []
-                elif status == _FATAL_ERROR:
+                elif status in _FAILED:
                     self.error = self.error or _words(res.get_error_message())
+                elif status == _SYNC:
+                    self._next()
                 else:  # COPY and the like: the connection is not ours to use any more
-                    self._end(f"unexpected result: {pq.ExecStatus(status).name}")
+                    self._fail(f"unexpected result: {pq.ExecStatus(status).name}")
                     return
         except psycopg.Error as e:
-            if self.query is None:  # the server hung up between queries
+            if self.inflight:
+                self._fail(e)
+            else:  # the server hung up between queries
                 self.loop.remove_reader(self.fd)
-            else:
-                self._end(e)
 
-    def _end(self, failure: BaseException | str | None) -> None:
-        """The query is over: every result read (``failure`` None), or the connection
-        failed under it."""
-        query, self.query = self.query, None
-        if query is None:
-            return
-        self.loop.remove_writer(self.fd)
-        if query.stopping:
-            self._stopped(query)
-        elif failure is None and not self.error:
-            query.set_result(self.rows)
+    def _next(self) -> None:
+        """The oldest query in flight has every result."""
+        query = self.inflight.popleft()
+        rows, error = self.rows, self.error
+        self.rows, self.error = [], ""
+        if query.abandoned:
+            query.stop()
+            if self.stopping:
+                if self.inflight:  # the server goes on with the next one: stop it too
+                    self._cancel()
+                elif self.giveup is not None:
+                    self.giveup.cancel()
+        elif error:
+            query.set_exception(QueryFailed(error))
         else:
-            query.set_exception(QueryFailed(self.error if failure is None else _words(failure)))
+            query.set_result(rows)
+        if self.inflight and self.inflight[0].abandoned:
+            self.abandon()  # what is left was given up on while this one was awaited
 
-    def interrupt(self) -> None:
-        """Ask the server to cancel the query in flight; give up on it after CANCEL_WAIT."""
-        self.giveup = self.loop.call_later(CANCEL_WAIT, self._end, "cancel timed out")
-        self.canceller = asyncio.ensure_future(self._cancel())
-
-    async def _cancel(self) -> None:
-        with suppress(psycopg.Error):  # the query ends by CANCEL_WAIT all the same
-            await self.driver.cancel_safe(timeout=CANCEL_WAIT)
-
-    def _stopped(self, query: Query) -> None:
+    def _fail(self, failure: BaseException | str) -> None:
+        """The connection failed: every query in flight with it."""
+        self.loop.remove_writer(self.fd)
         if self.giveup is not None:
             self.giveup.cancel()
-        query.stop()
+        cause = _words(failure)
+        while self.inflight:
+            query = self.inflight.popleft()
+            if query.abandoned:
+                query.stop()
+            else:
+                query.set_exception(QueryFailed(self.error or cause))
+            self.error = ""
+
+    def abandon(self) -> None:
+        """A query was given up on. Once every query in flight was, ask the server to
+        cancel them; give up on them after CANCEL_WAIT. (Before then, a cancel request
+        could stop another lookup's query.)"""
+        if self.stopping or not all(q.abandoned for q in self.inflight):
+            return
+        self.stopping = True
+        self.giveup = self.loop.call_later(CANCEL_WAIT, self._fail, "cancel timed out")
+        self._cancel()
+
+    def _cancel(self) -> None:
+        task = asyncio.ensure_future(self._request_cancel())
+        self.cancellers.add(task)
+        task.add_done_callback(self.cancellers.discard)
+
+    async def _request_cancel(self) -> None:
+        with suppress(psycopg.Error):  # the queries end by CANCEL_WAIT all the same
+            await self.driver.cancel_safe(timeout=CANCEL_WAIT)
 
     def close(self) -> None:
         try:
@@ -195,25 +264,27 @@ class PgConn:
 
 class Query(asyncio.Future[Rows]):
     """The rows of a query in flight. cancel() (a deadline passed, the client went
-    away) asks the server to stop the query, as psycopg does; the future ends,
-    cancelled, once the server has (or after CANCEL_WAIT): until then the pool keeps
-    the connection's place in its count."""
+    away) gives up on it; the future ends, cancelled, once its answer came in, the
+    server stopped it, or CANCEL_WAIT passed: until then the pool keeps the
+    connection's place in its count."""
 
     def __init__(self, conn: PgConn) -> None:
         super().__init__(loop=conn.loop)
         self._conn = conn
-        self.stopping = False
+        self.sent = conn.loop.time()
+        self.abandoned = False
 
     def cancel(self, msg: Any = None) -> bool:
         if self.done():
             return False
-        if not self.stopping:
-            self.stopping = True
-            self._conn.interrupt()
+        if not self.abandoned:
+            self.abandoned = True
+            self._conn.abandon()
         return True
 
     def stop(self) -> None:
-        """End, cancelled: the server stopped the query, or we stopped waiting."""
+        """End, cancelled: the answer came, the server stopped the query, or we stopped
+        waiting."""
         super().cancel()
 
 
@@ -228,6 +299,7 @@ def _done(value: Any = None, error: BaseException | None = None) -> asyncio.Futu
 
 class PgsqlBackend(Backend[PgConn]):
     name = "pgsql"
+    depth = PIPELINE_DEPTH
 
     def __init__(self, server: ServerConfig, encoding: str) -> None:
         self._server = server
@@ -257,6 +329,9 @@ class PgsqlBackend(Backend[PgConn]):
             failed = TableRetry(f"cannot escape input string: {_words(e)}")
             return _done(error=failed)
         return _done([]) if sql is None else conn.submit(sql)
+
+    def stalled(self, conn: PgConn) -> bool:
+        return conn.stalled()
 
     def ping(self, conn: PgConn) -> asyncio.Future[Rows]:
         return conn.submit(b"")

@@ -91,6 +91,8 @@ class Backend(ABC, Generic[C]):
 
     name: ClassVar[str]  # "pgsql", as in Postfix's log lines
     what: ClassVar[str] = "server"  # what a host is, in log lines
+    #: Lookups one connection may carry at once (pipelined); 1: one at a time.
+    depth: ClassVar[int] = 1
 
     @abstractmethod
     async def connect(self, host: Host[Any]) -> C:
@@ -102,6 +104,11 @@ class Backend(ABC, Generic[C]):
 
         A coroutine, run as a task, or a future, whose cancel() may let it end later:
         the connection keeps its place in the count until it has."""
+
+    def stalled(self, conn: C) -> bool:
+        """Whether a connection in use should take no more lookups: its oldest query
+        has run for a while, and lookups sent after it would wait behind it."""
+        return False
 
     @abstractmethod
     def ping(self, conn: C) -> Awaitable[object]:
@@ -121,6 +128,8 @@ class _Conn(Generic[C]):
     host: Host[Any]
     born: float
     used: float
+    users: int = 0  # seats taken: one per shared lookup, the backend's depth for one alone
+    broken: bool = False  # to be closed when its last user leaves
 
 
 #: What a waiter in line gets when its wait is over (``pool_wait`` or the deadline).
@@ -159,8 +168,10 @@ class Pool(Generic[C]):
         self._max_idle = idle
         self._retry_interval = retry_interval
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._depth = max(1, backend.depth)
         self._idle: list[_Conn[C]] = []
-        self._waiters: deque[asyncio.Future[_Conn[C] | None]] = deque()
+        self._busy: set[_Conn[C]] = set()  # connections with a user
+        self._waiters: deque[tuple[asyncio.Future[_Conn[C] | None], int]] = deque()
         self._live = 0  # slots in use: connections open, being opened or being closed
         self._pending: set[asyncio.Future[Any]] = set()  # abandoned work, ending on its own
         self._closed = False
@@ -169,36 +180,42 @@ class Pool(Generic[C]):
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
 
-    async def run(self, table: str, sql_for: SqlFor, timeout: float) -> Rows:
+    async def run(self, table: str, sql_for: SqlFor, timeout: float, shared: bool = False) -> Rows:
         """The rows the query returns, from the first host that answers; TableRetry when
-        none does by the deadline. ``table`` names the table in log lines."""
+        none does by the deadline. ``table`` names the table in log lines. ``shared``:
+        the query may run on a connection that carries other lookups' queries (when the
+        backend pipelines them); otherwise it has its connection to itself."""
         loop = self._bind()
         deadline = loop.time() + timeout
         tried: set[Host[Any]] = set()
+        seats = 1 if shared else self._depth
         while True:
-            conn = await self._acquire(table, deadline, tried)
+            conn = await self._acquire(table, deadline, tried, seats)
             task = asyncio.ensure_future(self.backend.query(conn.raw, sql_for))
             try:
                 rows = await self._settle(task, deadline)
             except (TimeoutError, asyncio.CancelledError) as e:
-                self._later(task, lambda _, c=conn: self._dispose(c))
+                conn.broken = True
+                self._later(task, lambda _, c=conn: self._release(c, seats))
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 cause = f"query timed out after {timeout:g} s"
                 self._host_failed(conn.host, cause)
                 raise TableRetry(f"{table}: {self._where(conn.host)}: {cause}") from None
             except QueryFailed as e:
-                self._dispose(conn)
+                conn.broken = True
+                self._release(conn, seats)
                 self._warn_host_failed(table, "query failed on", conn.host, str(e))
                 tried.add(conn.host)
                 continue
             except TableError as e:
-                self._release(conn)
+                self._release(conn, seats)
                 raise type(e)(f"{table}: {self._where(conn.host)}: {e}") from e
             except BaseException:
-                self._dispose(conn)
+                conn.broken = True
+                self._release(conn, seats)
                 raise
-            self._release(conn)
+            self._release(conn, seats)
             return rows
 
     def _where(self, host: Host[Any]) -> str:
@@ -210,7 +227,7 @@ class Pool(Generic[C]):
             for conn in self._idle:
                 self._close(conn)
             self._loop, self._idle, self._waiters, self._live = loop, [], deque(), 0
-            self._sweeper = None
+            self._busy, self._sweeper = set(), None
             self._pending.clear()
             for host in self.hosts:
                 host.conns = 0
@@ -256,7 +273,12 @@ class Pool(Generic[C]):
 
     # --- getting a connection ---------------------------------------------------------
 
-    async def _acquire(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
+    async def _acquire(
+        self, table: str, deadline: float, tried: set[Host[Any]], seats: int
+    ) -> _Conn[C]:
+        """A connection with ``seats`` taken: an idle one, a new one while the bound
+        allows, a seat on one in use (``seats`` 1, a pipelining backend), or the first
+        that comes free."""
         assert self._loop is not None
         while self._idle:
             conn = self._idle.pop()
@@ -265,11 +287,36 @@ class Pool(Generic[C]):
             elif self._loop.time() - conn.used < CHECK_AFTER or await self._alive(
                 table, conn, deadline
             ):
-                return conn
+                return self._take(conn, seats)
         if self._live < self.size:
             self._live += 1
-            return await self._open(table, deadline, tried)
-        return await self._wait_for_slot(table, deadline, tried)
+            return self._take(await self._open(table, deadline, tried), seats)
+        if seats < self._depth:
+            conn = self._sharable(tried)
+            if conn is not None:
+                conn.users += seats
+                return conn
+        return await self._wait_for_slot(table, deadline, tried, seats)
+
+    def _take(self, conn: _Conn[C], seats: int) -> _Conn[C]:
+        conn.users = seats
+        self._busy.add(conn)
+        return conn
+
+    def _sharable(self, tried: set[Host[Any]]) -> _Conn[C] | None:
+        """The least used connection that can take one more lookup, if any."""
+        best = None
+        for conn in self._busy:
+            if (
+                conn.users < self._depth
+                and (best is None or conn.users < best.users)
+                and not conn.broken
+                and conn.host not in tried
+                and self._reusable(conn)
+                and not self.backend.stalled(conn.raw)
+            ):
+                best = conn
+        return best
 
     async def _alive(self, table: str, conn: _Conn[C], deadline: float) -> bool:
         """Ping a connection that sat idle; False (and it is gone) when that fails."""
@@ -291,11 +338,15 @@ class Pool(Generic[C]):
             raise
         return True
 
-    async def _wait_for_slot(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
-        """Wait in line for a connection someone releases, or for a free slot."""
+    async def _wait_for_slot(
+        self, table: str, deadline: float, tried: set[Host[Any]], seats: int
+    ) -> _Conn[C]:
+        """Wait in line for a connection someone releases (its seats already taken for
+        us), or for a free slot."""
         assert self._loop is not None
         waiter: asyncio.Future[_Conn[C] | None] = self._loop.create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, seats)
+        self._waiters.append(entry)
         started = self._loop.time()
         timer = self._loop.call_at(min(deadline, started + self._wait), _time_out, waiter)
         try:
@@ -305,26 +356,31 @@ class Pool(Generic[C]):
             late = waiter.result() if waiter.done() and not waiter.cancelled() else _TIMED_OUT
             if late is _TIMED_OUT:
                 with suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(entry)
             elif late is None:  # handed over just too late
                 self._free_slot()
             else:
-                self._release(late)
+                self._release(late, seats)
             raise
         timer.cancel()
         if given is _TIMED_OUT:
             with suppress(ValueError):
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
             waited = self._loop.time() - started
             raise TableRetry(
                 f"{table}: no free {self.backend.name} connection after {waited:.3g} s "
                 f"({self.size} in use)"
             )
         if given is not None:
-            if self._reusable(given) and given.host not in tried:
+            if given.host not in tried:
                 return given
+            if given.users > seats:  # others use it: give our seat back, wait again
+                self._release(given, seats)
+                return await self._wait_for_slot(table, deadline, tried, seats)
+            given.users = 0
+            self._busy.discard(given)
             self._close(given)  # keep its slot for a new connection
-        return await self._open(table, deadline, tried)
+        return self._take(await self._open(table, deadline, tried), seats)
 
     async def _open(self, table: str, deadline: float, tried: set[Host[Any]]) -> _Conn[C]:
         """Connect in a slot already counted; the slot is freed when this fails, or
@@ -399,17 +455,32 @@ class Pool(Generic[C]):
             and self._loop.time() - conn.born < MAX_LIFETIME
         )
 
-    def _release(self, conn: _Conn[C]) -> None:
+    def _release(self, conn: _Conn[C], seats: int) -> None:
+        """A lookup gives its seats back: to the lookups waiting in line, else the
+        connection goes idle once its last user leaves (closed, if it cannot be reused)."""
         assert self._loop is not None
+        conn.users -= seats
         conn.used = self._loop.time()
-        if not self._reusable(conn):
-            self._dispose(conn)
+        if conn.broken or not self._reusable(conn):
+            conn.broken = True
+            if not conn.users:
+                self._busy.discard(conn)
+                self._dispose(conn)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+        waiters = self._waiters
+        while waiters and conn.users < self._depth:
+            waiter, wanted = waiters[0]
+            if waiter.done():
+                waiters.popleft()
+            elif conn.users and conn.users + wanted > self._depth:
+                break  # it needs the connection to itself: it keeps its place in line
+            else:
+                waiters.popleft()
+                conn.users += wanted
                 waiter.set_result(conn)
-                return
+        if conn.users:
+            return
+        self._busy.discard(conn)
         self._idle.append(conn)
         expires = self._expires(conn)
         if self._sweeper is None or expires < self._sweep_at:
@@ -451,7 +522,7 @@ class Pool(Generic[C]):
 
     def _free_slot(self) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes to the waiter, still counted
                 return
@@ -475,7 +546,7 @@ class Pool(Generic[C]):
         return {
             "pool_in_use": self._live - len(self._idle),
             "pool_idle": len(self._idle),
-            "pool_waiting": sum(not w.done() for w in self._waiters),
+            "pool_waiting": sum(not w.done() for w, _ in self._waiters),
         }
 
     def close(self) -> None:

@@ -65,6 +65,12 @@ class Templates:
         self._result = self._parse(as_bytes(result_format), is_query=False)
         # "%s" alone: each result is the value itself (the default result_format)
         self._plain_result = self._result == [b"", b"s", b""]
+        literals = self._query[0::2]
+        #: No semicolon but trailing ones in the template: with a key without one, the
+        #: query is a single statement.
+        self.one_statement = b";" not in b"".join(literals[:-1]) + literals[-1].rstrip(
+            b" \t\n\r\f\v;"
+        )
 
     def _parse(self, template: bytes, is_query: bool) -> Compiled:
         """db_common_parse(): note which parts of key and result the template needs;

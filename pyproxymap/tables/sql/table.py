@@ -68,7 +68,9 @@ class SqlTable(Table):
         if parts is None:
             return None
         sql_for = partial(self._templates.build_query, parts)
-        rows = await self.pool.run(self._spec, sql_for, self.ctx.options.timeout)
+        # A single statement may share a connection (pipelined); quoting adds no ';'.
+        shared = self._templates.one_statement and b";" not in key
+        rows = await self.pool.run(self._spec, sql_for, self.ctx.options.timeout, shared)
         return checked_value(self.ctx, key, self._templates.results(rows, key))
 
     def changed(self) -> bool:
