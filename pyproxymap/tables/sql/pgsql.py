@@ -9,15 +9,19 @@ forced LATIN1). The key is escaped by libpq's PQescapeStringConn() on the
 connection the query runs on, as Postfix escapes it, so quoting follows that
 connection's encoding and standard_conforming_strings. Values are the text
 PostgreSQL sends, untouched (no Python type conversion); a NULL is an empty
-value, skipped with Postfix's warning. The query is sent with the simple query
-protocol, as PQexec() sends it, so several statements may be given; the last
-one's rows are the answer.
+value, skipped with Postfix's warning. Several statements may be given; the last
+one's rows are the answer, as from PQexec().
 
 psycopg 3 makes the connections (asynchronous DNS, every libpq connection
 parameter) and cancels queries; queries bypass its cursors and go to libpq through
 ``psycopg.pq`` in non-blocking mode, advanced by the event loop's callbacks when the
 socket is readable, with no task per query: a lookup then costs about 55 % of the
-CPU it costs through an ``AsyncCursor``.
+CPU it costs through an ``AsyncCursor``. A single statement, the usual query, is
+pipelined (the extended query protocol, which runs one statement as the simple
+protocol of PQexec() does): up to PIPELINE_DEPTH lookups share a connection, and the
+server and we each read several queries or answers per system call, and both spend
+less CPU per query (bench/RESULTS.md, Run 7). Several statements go with the simple
+protocol, as PQexec() sends them, on a connection with nothing else in flight.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ connection settings:
 - at most ``max_connections`` connections, counted from the start of a connect
   to the end of a close, so the server never sees more; a lookup that finds
   them all busy waits in line at most ``pool_wait`` seconds;
+- a backend that pipelines (pgsql: ``Backend.depth`` > 1) lets a lookup that may
+  share (``run(shared=True)``) take a seat on the least busy connection in use,
+  unless the backend says its oldest query has stalled; a connection that fails or
+  is given up on takes no new lookups and closes when its last user leaves;
 - every lookup has a deadline (``timeout``): past it the lookup is RETRY at
   once, and the query, cancelled, ends and closes its connection on its own
   while still holding its place in the count;
