@@ -194,6 +194,8 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server, server_control = _serving(maincf, conf, args)
+    # From the start: a SIGHUP's default action would kill us.
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server_control.reload()))
     async with contextlib.AsyncExitStack() as stack:
         # Where they listen is read at start only, as for the service sockets.
         control = admin.AdminServer(server_control, admin.admin_path(maincf, conf))
@@ -216,7 +218,6 @@ async def _serve(
             *kept, control.path = drop([*server.socket_paths.values(), control.path])
             server.socket_paths.update(zip(names, kept, strict=True))
             await server.accept()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server_control.reload()))
         log.info("pyproxymap started, config %s", maincf.config_dir)
         await stop.wait()
         log.info("stopping: letting in-flight requests finish")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from .tablecache import UnavailableTable
 log = logging.getLogger("pyproxymap")
 
 MAX_LINE = 65536
+_request_ids = itertools.count(1)
 #: Reload: None when the new configuration is served, else why it was refused.
 Reloader = Callable[[], Awaitable[str | None]]
 
@@ -197,7 +199,10 @@ class AdminServer:
         try:
             while line := await reader.readline():
                 try:
-                    reply = await self._command(json.loads(line))
+                    request = json.loads(line)
+                    reply = await self._command(request)
+                    if "id" in request:  # a reply that came too late is recognised as such
+                        reply["id"] = request["id"]
                 except (ValueError, TypeError, KeyError) as e:
                     reply = {"ok": False, "error": f"bad request: {e}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
@@ -254,18 +259,23 @@ async def ask_over(
     timeout: float = 30.0,
 ) -> dict[str, Any]:
     """``ask`` over an open connection, from an event loop (the supervisor asking a
-    worker). The caller sends one request at a time."""
+    worker). The caller sends one request at a time; each carries a new id, so the
+    late reply to a request that timed out is skipped, not taken for the next one's."""
+    ident = next(_request_ids)
     try:
         async with asyncio.timeout(timeout):
-            writer.write(json.dumps(request).encode() + b"\n")
-            line = await reader.readline()
+            writer.write(json.dumps(request | {"id": ident}).encode() + b"\n")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise AdminError(f"{who}: closed the connection")
+                reply = json.loads(line)
+                if reply.get("id") == ident:
+                    break
     except (OSError, TimeoutError) as e:
         raise AdminError(f"{who}: {'timed out' if isinstance(e, TimeoutError) else e}") from e
-    if not line:
-        raise AdminError(f"{who}: closed the connection")
-    reply = json.loads(line)
     if not reply.get("ok"):
-        raise AdminError(f"{who}: {reply.get('error', 'failed')}")
+        raise AdminError(reply.get("error", "failed"))
     return reply
 
 

@@ -89,7 +89,7 @@ class ProxymapServer:
         self._listeners = dict(listeners or {})
         self._servers: list[asyncio.Server] = []
         self._watchers: list[asyncio.Task[None]] = []
-        self._accepting = True
+        self._stopped_accepting: asyncio.Future[None] | None = None
         self.started = time.time()
         self.reloads = 0  # configurations swapped in
         self.worker_restarts = 0  # one process: none (the supervisor counts its workers')
@@ -204,11 +204,15 @@ class ProxymapServer:
         after accept(); when Server.close() runs before that task, the transport
         cannot attach to the closed server (an AssertionError asyncio swallows) and
         the client hangs until we exit. So: stop watching the listening socket, let
-        the pending tasks run, then close.
+        the pending tasks run, then close. Every caller waits for that to be over
+        (a second caller returning early would let the process exit before the
+        connections accepted meanwhile have their sessions).
         """
-        if not self._accepting:
-            return
-        self._accepting = False
+        if self._stopped_accepting is None:
+            self._stopped_accepting = asyncio.ensure_future(self._stop_accepting())
+        await asyncio.shield(self._stopped_accepting)
+
+    async def _stop_accepting(self) -> None:
         loop = asyncio.get_running_loop()
         for server in self._servers:
             for sock in server.sockets:

@@ -275,6 +275,8 @@ class MasterStatus:
         record = status_record(self.pid, self.generation, avail)
         try:
             written = os.write(self.fd, record)  # one write: siblings share the stream
+        except BlockingIOError:  # our own supervisor is not reading: try again later
+            return False
         except OSError as e:
             log.debug("status update: %s", e)
             written = -1
@@ -302,10 +304,12 @@ class MasterStatus:
             self._sync()
 
     def beat(self) -> None:
-        """Say again what we are: our own supervisor takes silence for a hung worker."""
+        """Say again what we are: our own supervisor takes silence for a hung worker.
+        Its socket is non-blocking: a supervisor that stops reading (stopped with ^Z,
+        say) must not stop us serving."""
         with self._lock:
             if not self.gone:
-                self._write(self.state)
+                self._write(STAT_TAKEN if self._taken else STAT_AVAIL)
 
     def cycle(self) -> bool:
         """TAKEN then AVAIL, when AVAIL: master counts one completed use."""
@@ -603,6 +607,7 @@ class MasterChild:
         flush) come over a socket pair, so no file name exposes them to anyone else."""
         assert self.supervised is not None and self.reread is not None
         reread = self.reread
+        os.set_blocking(self.status.fd, False)  # see MasterStatus.beat
 
         async def reload() -> str | None:
             return await self.server.reload_from(reread)

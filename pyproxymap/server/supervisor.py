@@ -1,7 +1,7 @@
 """Standalone process model: a supervisor and worker processes sharing the listening sockets.
 
 ``pyproxymap serve`` with ``workers = N`` runs this. The supervisor binds the service
-sockets (as root when it must; they belong to mail_owner, as Postfix's do), then
+sockets (as root when it must, in directories that belong to mail_owner), then
 starts each worker exactly as Postfix's master(8) starts ``pyproxymap-master``: the
 listening socket on fd 6, a stream socket on fd 5 on which the worker reports AVAIL
 or TAKEN in master's 12-byte records, the configuration directory in MAIL_CONFIG,
@@ -13,14 +13,15 @@ processes, not the proxymap protocol:
 - A worker that dies is replaced at once and counted in ``worker_restarts``. One
   that dies before it ever reported failed to start: retried after 1 s, doubling
   to 60 s (master throttles a failing service likewise), so a broken setup does
-  not spin.
+  not spin. Workers run ``python -P`` from ``/``: nothing is imported from where
+  the supervisor was started.
 - A worker that reports TAKEN (draining after ``max_use``, or its event loop
   stalled) does not count as serving: a replacement starts beside it, and the
   draining one exits once its clients are gone. One that exits after
   ``max_idle`` is replaced too (its tables reopen fresh), so N keep serving.
 - Watchdog: workers repeat their status every HEARTBEAT seconds; one silent for
-  ``daemon_timeout`` (its event loop or the whole process stuck) gets SIGKILL and
-  is replaced.
+  SILENT_SECONDS gets a replacement beside it, one silent for ``daemon_timeout``
+  (its event loop or the whole process stuck) gets SIGKILL.
 - Reload (SIGHUP, ``pyproxymap reload``): the new configuration is checked here and
   refused whole when broken; then every worker reloads in place, connections open.
 - Stop (SIGTERM, SIGINT): workers see EOF on fd 5 (as on master's reload), answer
@@ -53,7 +54,7 @@ import pyproxymap
 
 from ..config.maincf import MainCf
 from ..settings import Settings
-from .admin import ask_over, merge_services, status_head
+from .admin import AdminError, ask_over, merge_services, status_head
 from .app import build_services, socket_path
 from .listener import bind_unix
 from .postfix_master import (
@@ -62,6 +63,7 @@ from .postfix_master import (
     MASTER_STATUS_FD,
     STAT_AVAIL,
     SUPERVISOR_ENV,
+    Limits,
     Supervised,
 )
 
@@ -70,8 +72,17 @@ log = logging.getLogger("pyproxymap")
 CONTROL_FD = MASTER_LISTEN_FD + 1
 RECORD = struct.Struct("iIi")
 MAX_BACKOFF = 60.0
-#: How long a worker may take to answer an admin command (a hung one is the watchdog's).
+#: How long a worker may take to answer an admin command (a hung one is the watchdog's);
+#: status is asked at every metrics scrape, so it must not wait long for one worker.
 ASK_TIMEOUT = 10.0
+STATUS_TIMEOUT = 2.0
+#: A worker silent this long counts as busy: a replacement starts beside it (it is
+#: killed only after daemon_timeout).
+SILENT_SECONDS = 2.0
+#: A worker that has not reported this long after it was started is killed.
+STARTUP_TIMEOUT = 60.0
+#: Settings a running supervisor keeps from its start (a reload warns and keeps them).
+START_ONLY = ("user", "unprivileged", "chroot", "services")
 #: How a worker is started: the master(8) child entry point, named "pyproxymap" in logs.
 WORKER_CODE = (
     "import sys; from pyproxymap.server.postfix_master import main; "
@@ -87,7 +98,8 @@ class Worker:
     control: socket.socket  # our end of its fd 7
     started: float = field(default_factory=time.monotonic)
     heard: float = field(default_factory=time.monotonic)
-    state: str = "starting"  # starting, available, busy (TAKEN), stopping
+    config: int = 0  # the configuration generation it started with
+    state: str = "starting"  # starting, available, busy (TAKEN), silent, stopping
     ready: bool = False  # has reported at least once
     killed: str = ""  # why we killed it, if we did
     buffer: bytes = b""
@@ -118,6 +130,8 @@ class Supervisor:
     ) -> None:
         self.maincf = maincf
         self.settings = settings
+        self.limits = Limits.from_maincf(maincf)  # checked now: workers would die of it
+        self.config_generation = 0
         self.settings_file = settings_file
         self.given = given
         self.overrides = overrides
@@ -130,8 +144,12 @@ class Supervisor:
         self.worker_restarts = 0
         self.generation = 0
         self._backoff: dict[str, float] = {}
+        #: Counts of workers gone, so that totals never go back; each live worker's last.
+        self._gone: dict[str, Any] = {"pid": 0, "services": {}}
+        self._last: dict[int, dict[str, Any]] = {}
         self._throttled: dict[str, asyncio.TimerHandle] = {}
         self._stopping = False
+        self._tasks: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -146,12 +164,10 @@ class Supervisor:
     def processes(self) -> int:
         return sum(self.targets.values())
 
-    def _daemon_timeout(self) -> float:
-        return float(self.maincf.get_time("daemon_timeout"))
-
     # -- start and stop -------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        _keep_inherited_fds_to_ourselves()
         owner = self.maincf.get("mail_owner")
         try:
             for name in self.targets:
@@ -175,7 +191,8 @@ class Supervisor:
         for worker in self.workers:
             self._retire(worker)
         assert self._loop is not None
-        deadline = self._loop.time() + self.settings.shutdown_grace + 1
+        patience = self.settings.shutdown_grace + self.settings.request_timeout + 1
+        deadline = self._loop.time() + patience
         while self.workers and self._loop.time() < deadline:
             await asyncio.sleep(0.05)
         for worker in list(self.workers):
@@ -198,13 +215,21 @@ class Supervisor:
         if self._stopping:
             return
         for service, target in self.targets.items():
-            mine = [w for w in self.workers if w.service == service]
+            mine = [w for w in self.workers if w.service == service and w.state != "stopping"]
             serving = [w for w in mine if w.serving]
             missing = target - len(serving)
-            # Never more than twice the target at once, however many are stuck draining.
-            room = 2 * target - len(mine)
             if missing > 0 and service not in self._throttled:
-                for _ in range(min(missing, room)):
+                # Busy (draining, stalled) workers beside the serving ones: a few more
+                # than the target at most; past that the oldest are told to finish now
+                # (in-flight requests are answered, idle connections closed).
+                excess = len(mine) + missing - max(2 * target, target + 4)
+                for worker in sorted(mine, key=lambda w: w.started):
+                    if excess <= 0:
+                        break
+                    if not worker.serving:
+                        self._retire(worker)
+                        excess -= 1
+                for _ in range(missing):
                     self._spawn(service)
             for worker in sorted(serving, key=lambda w: w.started)[target:]:
                 if worker.ready:  # one more than needed, after a stall or a reload
@@ -235,7 +260,8 @@ class Supervisor:
             processes=self.processes,
             control_fd=CONTROL_FD,
         ).to_env()
-        argv = [sys.executable, "-c", WORKER_CODE, "-t", "unix", "-n", service]
+        # -P and cwd /: nothing is imported from the directory we were started in.
+        argv = [sys.executable, "-P", "-c", WORKER_CODE, "-t", "unix", "-n", service]
         if self.settings.unprivileged:
             argv.append("-u")  # as master.cf's unpriv column: drop to the user
         if self.settings.chroot:
@@ -251,6 +277,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 close_fds=False,  # only the three made inheritable above pass
                 preexec_fn=arrange_fds,
+                cwd="/",
                 process_group=0,  # a terminal's ^C is for the supervisor, which stops them
             )
         except OSError as e:
@@ -262,7 +289,7 @@ class Supervisor:
         finally:
             theirs.close()
             control_theirs.close()
-        worker = Worker(service, proc, ours, control)
+        worker = Worker(service, proc, ours, control, config=self.config_generation)
         self.workers.append(worker)
         assert self._loop is not None
         ours.setblocking(False)
@@ -292,6 +319,10 @@ class Supervisor:
                     continue  # the TAKEN of the TAKEN-AVAIL pair a worker sends at start
                 worker.ready = True
                 self._backoff.pop(worker.service, None)
+                if worker.config < self.config_generation:  # a reload came while it started
+                    task = asyncio.ensure_future(self._reload_worker(worker))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             if worker.state != "stopping":
                 worker.state = "available" if avail == STAT_AVAIL else "busy"
         self._reconcile()
@@ -308,11 +339,17 @@ class Supervisor:
             worker.channel[1].close()
         worker.control.close()
         self.workers.remove(worker)
+        if last := self._last.pop(worker.pid, None):  # its counts stay in the totals
+            for info in (t for s in last["services"].values() for t in s["tables"].values()):
+                info["instances"] = []
+            self._gone["services"] = merge_services([self._gone, last])
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         if worker.state == "stopping" or self._stopping:
             log.debug("%s: worker pid %d stopped (%s)", worker.service, worker.pid, how)
         elif code == 0:
-            log.info("%s: worker pid %d finished (max_use or max_idle)", worker.service, worker.pid)
+            log.info(
+                "%s: worker pid %d exited (max_use, max_idle, SIGTERM)", worker.service, worker.pid
+            )
         elif worker.ready:
             reason = f" ({worker.killed})" if worker.killed else ""
             log.warning("%s: worker pid %d %s%s", worker.service, worker.pid, how, reason)
@@ -325,7 +362,10 @@ class Supervisor:
         self._reconcile()
 
     def _throttle(self, service: str) -> None:
-        """No new worker for this service for a while: its workers fail to start."""
+        """No new worker for this service for a while: its workers fail to start.
+        Several failing at once count once."""
+        if service in self._throttled:
+            return
         delay = min(MAX_BACKOFF, max(1.0, 2 * self._backoff.get(service, 0.5)))
         self._backoff[service] = delay
         log.warning("%s: starting workers again in %.0f s", service, delay)
@@ -352,59 +392,84 @@ class Supervisor:
             os.kill(worker.pid, signal.SIGKILL)
 
     def _watch(self) -> None:
-        """Kill workers that stopped reporting (the watchdog), and stopping ones that hang."""
-        now = time.monotonic()
-        timeout = self._daemon_timeout()
-        grace = self.settings.shutdown_grace + self.settings.request_timeout + 5
-        for worker in self.workers:
-            if worker.killed:
-                continue
-            silent = now - worker.heard
-            if worker.state == "stopping" and silent > max(grace, float(self._ipc_ttl())):
-                log.warning("worker pid %d is still stopping: killing it", worker.pid)
-                self._kill(worker, "did not stop")
-            elif worker.state != "stopping" and timeout > 0 and silent > timeout:
-                log.warning(
-                    "%s: worker pid %d silent for %.1f s (daemon_timeout %d s): killing it",
-                    worker.service,
-                    worker.pid,
-                    silent,
-                    timeout,
-                )
-                self._kill(worker, "watchdog timeout")
-        assert self._loop is not None
-        self._watchdog = self._loop.call_later(HEARTBEAT, self._watch)
-
-    def _ipc_ttl(self) -> int:
-        return self.maincf.get_time("ipc_ttl") if self.maincf.get("ipc_ttl") else 1000
+        """The watchdog: a worker silent for SILENT_SECONDS gets a replacement beside it,
+        one silent for daemon_timeout is killed, as is one that never reports after
+        its start, or one that does not finish stopping."""
+        try:
+            now = time.monotonic()
+            timeout = self.limits.daemon_timeout
+            grace = self.settings.shutdown_grace + self.settings.request_timeout + 5
+            for worker in self.workers:
+                if worker.killed:
+                    continue
+                silent = now - worker.heard
+                if worker.state == "stopping":
+                    if silent > max(grace, self.limits.ipc_ttl):
+                        log.warning("worker pid %d is still stopping: killing it", worker.pid)
+                        self._kill(worker, "did not stop")
+                elif not worker.ready:
+                    if silent > STARTUP_TIMEOUT:
+                        log.warning("%s: worker pid %d did not start", worker.service, worker.pid)
+                        self._kill(worker, "startup timeout")
+                elif 0 < timeout < silent:
+                    log.warning(
+                        "%s: worker pid %d silent for %.1f s (daemon_timeout %d s): killing it",
+                        worker.service,
+                        worker.pid,
+                        silent,
+                        timeout,
+                    )
+                    self._kill(worker, "watchdog timeout")
+                elif silent > SILENT_SECONDS and worker.state != "silent":
+                    log.warning(
+                        "%s: worker pid %d silent for %.1f s: starting another beside it",
+                        worker.service,
+                        worker.pid,
+                        silent,
+                    )
+                    worker.state = "silent"
+            self._reconcile()
+        finally:
+            assert self._loop is not None
+            self._watchdog = self._loop.call_later(HEARTBEAT, self._watch)
 
     # -- admin: status, reload, flush ---------------------------------------------------
-    async def _ask(self, worker: Worker, request: dict[str, Any]) -> dict[str, Any]:
+    async def _ask(
+        self, worker: Worker, request: dict[str, Any], timeout: float = ASK_TIMEOUT
+    ) -> dict[str, Any]:
         async with worker.lock:
             if worker.channel is None:
                 worker.channel = await asyncio.open_unix_connection(
                     sock=worker.control, limit=1 << 24
                 )
             reader, writer = worker.channel
-            return await ask_over(
-                reader, writer, request, f"worker pid {worker.pid}", timeout=ASK_TIMEOUT
-            )
+            return await ask_over(reader, writer, request, f"worker pid {worker.pid}", timeout)
 
-    async def _ask_all(self, request: dict[str, Any]) -> list[tuple[Worker, Any]]:
+    async def _ask_all(
+        self, request: dict[str, Any], timeout: float = ASK_TIMEOUT
+    ) -> list[tuple[Worker, Any]]:
         """Each ready worker's answer, or the exception it gave."""
         ready = [w for w in self.workers if w.ready and w.state != "stopping"]
         answers = await asyncio.gather(
-            *(self._ask(w, request) for w in ready), return_exceptions=True
+            *(self._ask(w, request, timeout) for w in ready), return_exceptions=True
         )
         return list(zip(ready, answers, strict=True))
 
+    async def _reload_worker(self, worker: Worker) -> None:
+        try:
+            await self._ask(worker, {"command": "reload"})
+            worker.config = self.config_generation
+        except (AdminError, OSError) as e:
+            log.error("reload of worker pid %d: %s", worker.pid, e)
+
     async def status(self) -> dict[str, Any]:
-        parts = []
-        for worker, answer in await self._ask_all({"command": "status"}):
+        parts = [self._gone]
+        for worker, answer in await self._ask_all({"command": "status"}, STATUS_TIMEOUT):
             if isinstance(answer, BaseException):
                 log.warning("status of worker pid %d: %s", worker.pid, answer)
             else:
                 parts.append(answer["status"])
+                self._last[worker.pid] = answer["status"]
         now = time.monotonic()
         return status_head(self) | {
             "workers": [
@@ -423,29 +488,40 @@ class Supervisor:
         """Check the new configuration here, then have every worker swap it in."""
         try:
             maincf, settings = self.reread()
+            limits = Limits.from_maincf(maincf)  # what workers and watchdog will use
             build_services(maincf, settings)  # allow-lists and table settings; raises
         except Exception as e:
             log.error("reload refused, still serving the previous configuration: %s", e)
             return f"reload refused, still serving the previous configuration: {e}"
+        kept = {name: getattr(self.settings, name) for name in START_ONLY}
+        if changed := [name for name, value in kept.items() if getattr(settings, name) != value]:
+            log.warning("%s: read at start only; restart to change", ", ".join(changed))
         if not settings.workers:
             log.warning(
                 "workers = 0 (one process, no supervisor) takes a restart: keeping %d",
                 self.settings.workers,
             )
-            settings = replace(settings, workers=self.settings.workers)
-        self.maincf, self.settings = maincf, settings
-        errors = []
-        if settings.chroot:  # chrooted workers cannot read it: new workers will
+            kept["workers"] = self.settings.workers
+        settings = replace(settings, **kept)
+        resized = settings.workers != self.settings.workers
+        self.maincf, self.settings, self.limits = maincf, settings, limits
+        self.config_generation += 1
+        if settings.chroot or resized:
+            # Chrooted workers cannot read the configuration, and a new number of
+            # workers means new shares of the bounds: new workers take over.
             for worker in self.workers:
                 self._retire(worker)
+        errors = []
         for worker, answer in await self._ask_all({"command": "reload"}):
             if isinstance(answer, BaseException):
                 errors.append(f"worker pid {worker.pid}: {answer}")
-        self.reloads += 1
-        self._reconcile()  # the number of workers may have changed
+            else:
+                worker.config = self.config_generation
+        self._reconcile()
         if errors:
             log.error("reload: %s", "; ".join(errors))
             return "; ".join(errors)
+        self.reloads += 1
         log.info("reloaded configuration from %s", maincf.config_dir)
         return None
 
@@ -457,3 +533,12 @@ class Supervisor:
             else:
                 flushed += answer["flushed"]
         return flushed
+
+
+def _keep_inherited_fds_to_ourselves() -> None:
+    """Descriptors we inherited (a pipe of the shell that started us, say) stay out of
+    the workers and of what they start: only fds 5, 6 and 7 are handed on."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(int(name), False)
