@@ -248,18 +248,23 @@ def test_several_statements_and_pipelined_ones_on_one_pool(pg: Postgres, tmp_pat
     single = pg.cf(tmp_path / "single.cf", query="SELECT 'one:%s';")
     multi = pg.cf(tmp_path / "multi.cf", query="SELECT 'first'; SELECT 'last:%s'")
 
-    async def scenario() -> None:
-        one, several = open_table("pgsql", single), open_table("pgsql", multi)
+    async def scenario(connections: int) -> None:
+        one = open_table("pgsql", single, max_connections=connections)
+        several = open_table("pgsql", multi, max_connections=connections)
         assert one.pool is several.pool  # type: ignore[attr-defined]
+        expected = [(b"one:%d" if i % 3 else b"last:%d") % i for i in range(30)]
         try:
-            lookups = [lookup(one if i % 3 else several, f"{i}".encode()) for i in range(30)]
-            got = await asyncio.gather(*lookups)
-            assert got == [(b"one:%d" if i % 3 else b"last:%d") % i for i in range(30)]
+            lookups = [lookup(one if i % 3 else several, b"%d" % i) for i in range(30)]
+            assert await asyncio.gather(*lookups) == expected
+            # One after the other on one connection: in and out of pipeline mode.
+            for i in range(6):
+                assert await lookup(one if i % 3 else several, b"%d" % i) == expected[i]
         finally:
             one.close()
             several.close()
 
-    run(scenario())
+    run(scenario(1))
+    run(scenario(4))
 
 
 def test_a_key_with_a_semicolon_is_sent_as_pqexec_sends_it(pg: Postgres, tmp_path: Path) -> None:
@@ -271,7 +276,18 @@ def test_a_key_with_a_semicolon_is_sent_as_pqexec_sends_it(pg: Postgres, tmp_pat
 
 def test_an_error_fails_only_its_own_pipelined_lookup(pg: Postgres, tmp_path: Path) -> None:
     query = "SELECT CASE WHEN '%s' = 'bad' THEN (1/0)::text ELSE '%s' END"
-    got = answers(pg, tmp_path / "error.cf", query, [b"a", b"bad", b"c"], max_connections="1")
+    cf = pg.cf(tmp_path / "error.cf", query=query)
+
+    async def scenario() -> list[Any]:
+        table = open_table("pgsql", cf, max_connections=1)
+        try:
+            assert await lookup(table, b"warm") == b"warm"
+            keys = [b"a", b"bad", b"c"]
+            return await asyncio.gather(*(lookup(table, k) for k in keys), return_exceptions=True)
+        finally:
+            table.close()
+
+    got = run(scenario())
     assert got[0] == b"a" and got[2] == b"c"
     assert isinstance(got[1], TableRetry)
 

@@ -195,7 +195,8 @@ class Pool(Generic[C]):
         seats = 1 if shared else self._depth
         while True:
             conn = await self._acquire(table, deadline, tried, seats)
-            task = asyncio.ensure_future(self.backend.query(conn.raw, sql_for))
+            work = self.backend.query(conn.raw, sql_for)
+            task = work if isinstance(work, asyncio.Future) else asyncio.ensure_future(work)
             try:
                 rows = await self._settle(task, deadline)
             except (TimeoutError, asyncio.CancelledError) as e:
@@ -295,7 +296,7 @@ class Pool(Generic[C]):
         if self._live < self.size:
             self._live += 1
             return self._take(await self._open(table, deadline, tried), seats)
-        if seats < self._depth:
+        if seats < self._depth and not self._waiters:  # else: behind those in line
             conn = self._sharable(tried)
             if conn is not None:
                 conn.users += seats
