@@ -404,7 +404,8 @@ class Supervisor:
                     continue
                 silent = now - worker.heard
                 if worker.state == "stopping":
-                    if silent > max(grace, self.limits.ipc_ttl):
+                    # It beats while it drains (up to ipc_ttl); silent, it is stuck.
+                    if silent > grace:
                         log.warning("worker pid %d is still stopping: killing it", worker.pid)
                         self._kill(worker, "did not stop")
                 elif not worker.ready:
