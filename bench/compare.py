@@ -129,6 +129,32 @@ def _readable_dir(path: Path) -> Path:
     return path
 
 
+def postmap(spec: str) -> None:
+    """The real postmap, building ``TYPE:PATH``. It reads $MAIL_CONFIG/main.cf even so,
+    and Debian installs Postfix "No configuration", without one: give it a minimal one."""
+    if "MAIL_CONFIG" not in os.environ and not Path("/etc/postfix/main.cf").exists():
+        confdir = _readable_dir(_readable_dir(CACHE_DIR) / "mail-config")
+        (confdir / "main.cf").write_text("compatibility_level = 3.6\n")
+        (confdir / "master.cf").touch()
+        os.environ["MAIL_CONFIG"] = str(confdir)
+    sh(f"{POSTFIX_SBIN}/postmap", spec)
+
+
+@contextmanager
+def work_dir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh 0755 directory for configs and logs (Postfix makes its own directories
+    under it and reads them as mail_owner), removed at the end unless ``keep``."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        if keep:
+            print(f"# kept {top}")
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+
+
 def build_table(kind: str, nkeys: int, cache: Path = CACHE_DIR) -> str:
     """``TYPE:PATH`` of an ``nkeys``-key table, built once and then reused from ``cache``.
 
@@ -156,7 +182,7 @@ def build_table(kind: str, nkeys: int, cache: Path = CACHE_DIR) -> str:
         build = _readable_dir(top / f".build-{kind}-{os.getpid()}")
         try:
             (build / "big").symlink_to(src)
-            sh(f"{POSTFIX_SBIN}/postmap", f"{kind}:{build / 'big'}")
+            postmap(f"{kind}:{build / 'big'}")
             out = build / f"big{suffix}"
             out.chmod(0o644)
             os.replace(out, top / f"big{suffix}")
@@ -506,24 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"error: building the table: {e}", file=sys.stderr)
         return 2
-    top = Path(tempfile.mkdtemp(prefix="pyproxymap-bench-"))
-    top.chmod(0o755)  # Postfix's own directories are made under it
     info = machine()
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
     try:
-        with ExitStack() as stack:
+        with work_dir("pyproxymap-bench-", args.keep) as top, ExitStack() as stack:
             targets = start_targets(args, top, table, stack)
             notes = {t.name: t.note for t in targets}
             rows = bench(args, info, targets)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if args.keep:
-            print(f"# kept {top}")
-        else:
-            shutil.rmtree(top, ignore_errors=True)
     if args.json:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         report = {

@@ -20,12 +20,10 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from compare import (
     machine,
     our_server,
     throwaway_postfix,
+    work_dir,
 )
 from loadgen import KEY_FMT, VALUE_FMT, Load, check_answers, connect, lookup, run_row
 
@@ -291,12 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         print("pgsql.py must run as root (it starts a Postfix master).", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if "MAIL_CONFIG" not in os.environ and not Path("/etc/postfix/main.cf").exists():
-        # Debian installs Postfix without a main.cf; postmap and postconf need one.
-        confdir = _readable_dir(_readable_dir(CACHE_DIR) / "mail-config")
-        (confdir / "main.cf").write_text("compatibility_level = 3.6\n")
-        (confdir / "master.cf").touch()
-        os.environ["MAIL_CONFIG"] = str(confdir)
     setup_db(args.db, args.keys)
     lmdb = build_table("lmdb", args.keys)
     cfdir = _readable_dir(_readable_dir(CACHE_DIR) / "pgsql")
@@ -310,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         f"cache_size = {args.cache_size}\n"
     )
     toml = f'[table_defaults]\n{pool}\n[tables."{cf["ours-cache"]}"]\n{pool}{cache}'
-    top = Path(tempfile.mkdtemp(prefix="pyproxymap-bench-pgsql-"))
-    top.chmod(0o755)
     info = machine()
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}  "
@@ -325,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report: dict[str, Any] = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()}}
     try:
-        with ExitStack() as stack:
+        with work_dir("pyproxymap-bench-pgsql-", args.keep) as top, ExitStack() as stack:
             ours = stack.enter_context(
                 our_server(top / "ours", [cf["ours"], lmdb, slow], args.ours_cmd, toml=toml)
             )
@@ -346,11 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if args.keep:
-            print(f"# kept {top}")
-        else:
-            shutil.rmtree(top, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -24,7 +24,6 @@ import pwd
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -33,15 +32,15 @@ from typing import Any
 from compare import (
     CACHE_DIR,
     HEADER,
-    POSTFIX_SBIN,
     Target,
     build_table,
     fmt_row,
     machine,
     our_server,
+    postmap,
     ratios,
-    sh,
     throwaway_postfix,
+    work_dir,
 )
 from loadgen import WRITE_FLAGS, Load, check_answers, run_row
 
@@ -57,7 +56,7 @@ def writable_copy(kind: str, src: Path, where: Path) -> str:
     pw = pwd.getpwnam("postfix")
     where.mkdir(parents=True)
     shutil.copyfile(src, where / "w")
-    sh(f"{POSTFIX_SBIN}/postmap", f"{kind}:{where / 'w'}")
+    postmap(f"{kind}:{where / 'w'}")
     for p in (where, where / "w", where / f"w{WRITABLE[kind]}"):
         os.chown(p, pw.pw_uid, pw.pw_gid)
     where.chmod(0o755)
@@ -155,21 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     for n, kind in enumerate(args.types):
-        top = Path(tempfile.mkdtemp(prefix=f"pyproxymap-pw-{kind}-"))
-        top.chmod(0o755)
         try:
-            with ExitStack() as stack:
+            with work_dir(f"pyproxymap-pw-{kind}-", args.keep) as top, ExitStack() as stack:
                 targets = start(args, kind, top, stack)
                 print(f"# --- {kind}")
                 rows += bench(args, kind, targets, n)
         except RuntimeError as e:
             print(f"error: {kind}: {e}", file=sys.stderr)
             return 2
-        finally:
-            if args.keep:
-                print(f"# kept {top}")
-            else:
-                shutil.rmtree(top, ignore_errors=True)
     summary = []
     print("\nours / postfix (requests/s; p50, p99 < 1 favour ours)")
     print(f"{'type':<6} {'op':<7} {'conns':>5} {'req/s':>7} {'p50':>6} {'p99':>6} {'CPU/req':>8}")
