@@ -297,6 +297,30 @@ def master_and(master: int, comm: str = "proxymap") -> Selector:
     return select
 
 
+def backends_of(role: str) -> Selector:
+    """Selector for PostgreSQL's backend processes of database role ``role`` (their
+    title: ``postgres: CLUSTER: ROLE DB HOST ...``). A backend that exits counts up to
+    its last sample (the postmaster reaps every role's backends, so its child time
+    cannot tell them apart)."""
+    marker = f" {role} ".encode()
+
+    def select(procs: dict[int, ProcInfo]) -> tuple[int, set[int]]:
+        members = set()
+        for p in procs.values():
+            if p.comm != "postgres":
+                continue
+            try:
+                with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                    title = f.read()
+            except OSError:
+                continue
+            if marker in title:
+                members.add(p.pid)
+        return 0, members
+
+    return select
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds of a changing set of server processes over a window.
@@ -360,8 +384,12 @@ def _pct(sorted_vals: array, p: float) -> float:
     return sorted_vals[min(len(sorted_vals) - 1, round(p / 100 * (len(sorted_vals) - 1)))]
 
 
-def run_row(load: Load, conns: int, duration: float, meter: CpuMeter) -> dict[str, Any]:
-    """Run ``conns`` client processes for ``duration`` s; return one result row."""
+def run_row(
+    load: Load, conns: int, duration: float, meter: CpuMeter, db: CpuMeter | None = None
+) -> dict[str, Any]:
+    """Run ``conns`` client processes for ``duration`` s; return one result row. ``db``
+    also measures the database processes the server queries."""
+    meters = [meter] if db is None else [meter, db]
     if load.zipf_s:
         zipf_cdf(load.nkeys, load.zipf_s)  # once, before forking: children share it
     ctx = mp.get_context("fork")
@@ -384,7 +412,8 @@ def run_row(load: Load, conns: int, duration: float, meter: CpuMeter) -> dict[st
     except threading.BrokenBarrierError:
         errors.append("start barrier broken (a client failed before timing)")
     if not errors:
-        meter.begin()
+        for m in meters:
+            m.begin()
         box0 = box_cpu()
         t0 = time.monotonic()
         # Stop sampling a little before the clients do: at disconnect, Postfix
@@ -392,8 +421,10 @@ def run_row(load: Load, conns: int, duration: float, meter: CpuMeter) -> dict[st
         t_stop = deadline.value - min(0.5, 0.1 * duration)
         while (left := t_stop - time.monotonic()) > 0:
             time.sleep(min(0.25, left))
-            meter.poll()
+            for m in meters:
+                m.poll()
         by_comm, nproc = meter.end()
+        db_cpu = sum(db.end()[0].values()) if db is not None else float("nan")
         window = time.monotonic() - t0
         box1 = box_cpu()
     results = []
@@ -430,6 +461,7 @@ def run_row(load: Load, conns: int, duration: float, meter: CpuMeter) -> dict[st
         "server_cpu_us_per_lookup": srv_cores / rate * 1e6 if rate else float("nan"),
         "server_cpu_cores_by_comm": {k: v / window for k, v in sorted(by_comm.items())},
         "server_procs": nproc,
+        "db_cpu_us_per_lookup": db_cpu / window / rate * 1e6 if rate else float("nan"),
         "client_cpu_cores": sum(r["cpu"] for r in results) / duration,
         "box_busy_pct": busy * 100,
         "bad_replies": sum(r["bad"] for r in results),

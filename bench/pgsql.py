@@ -43,7 +43,17 @@ from compare import (
     throwaway_postfix,
     work_dir,
 )
-from loadgen import KEY_FMT, VALUE_FMT, Load, check_answers, connect, lookup, run_row
+from loadgen import (
+    KEY_FMT,
+    VALUE_FMT,
+    CpuMeter,
+    Load,
+    backends_of,
+    check_answers,
+    connect,
+    lookup,
+    run_row,
+)
 
 DSN = "host=127.0.0.1 user=postgres dbname={db}"
 #: Database role of each target, so pg_stat_activity tells their connections apart.
@@ -215,14 +225,19 @@ def compare_rows(args: argparse.Namespace, targets: list[Target]) -> list[dict[s
                 time.sleep(1.0)
                 load = Load(t.socket, t.table, args.keys, 200, 2 + 1000 * rnd + k, args.zipf)
                 with peak_conns(args.db) as peak:
-                    row = run_row(load, conns, args.duration, t.meter())
+                    db = CpuMeter(backends_of(ROLES[t.name]))
+                    row = run_row(load, conns, args.duration, t.meter(), db)
                 row |= {
                     "target": t.name,
                     "round": rnd + 1,
                     "peak_db_conns": peak.get(ROLES[t.name], 0),
                 }
                 rows.append(row)
-                print(f"{fmt_row(t.name, row)} {row['peak_db_conns']:>5}", flush=True)
+                print(
+                    f"{fmt_row(t.name, row)} {row['peak_db_conns']:>5} "
+                    f"{row.get('db_cpu_us_per_lookup', float('nan')):>6.1f}",
+                    flush=True,
+                )
     print("\nratios to postfix (medians over rounds): lookups/s, p99")
     for conns in args.conns:
         med = {
@@ -252,7 +267,7 @@ def isolation_rows(
     """lmdb p99 through each target, alone and while the slow pgsql table is hammered."""
     print(
         f"\n# isolation: {args.iso_conns} lmdb clients; with {args.iso_slow} clients on {slow} "
-        f"(pg_sleep {args.sleep:g})\n{'':<3}{HEAD.replace(' peak', '  slow mode')}",
+        f"(pg_sleep {args.sleep:g})\n{'':<3}{ROW_HEAD}  slow mode",
         flush=True,
     )
     rows = []
@@ -278,10 +293,13 @@ def isolation_rows(
     return rows
 
 
-HEAD = (
+ROW_HEAD = (
     f"{'target':<8} {'conns':>5} {'lookups/s':>10} {'p50 µs':>8} {'p99 µs':>8} "
-    f"{'srv CPU':>7} {'µs/lkp':>6} {'procs':>5} {'cli CPU':>7} {'box%':>5} {'bad':>4} {'peak':>5}"
+    f"{'srv CPU':>7} {'µs/lkp':>6} {'procs':>5} {'cli CPU':>7} {'box%':>5} {'bad':>4}"
 )
+#: peak: most database connections of the target's role; db µs: CPU of its database
+#: backends per lookup.
+HEAD = f"{ROW_HEAD} {'peak':>5} {'db µs':>6}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {args.keys} rows in {args.db}.t, zipf s={args.zipf}, {args.duration:g}s per row; "
         f"ours: max_connections={args.max_connections}; ours-cache: cache_ttl={args.cache_ttl} "
         f"cache_size={args.cache_size}; peak = most DB connections of that target's role "
-        "(pg_stat_activity, every 50 ms)"
+        "(pg_stat_activity, every 50 ms); db µs = CPU of its role's backends per lookup"
     )
     report: dict[str, Any] = {"machine": info, "config": {k: str(v) for k, v in vars(args).items()}}
     try:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from pyproxymap.tables.base import OpenContext, Table, TableRetry, ascii_fold
-from pyproxymap.tables.sql.pgsql import PgsqlTable
+from pyproxymap.tables.sql import pgsql
+from pyproxymap.tables.sql.pgsql import PgConn, PgsqlTable
 from tests.backends.conftest import Postgres, lookup, open_table, run
 
 pytestmark = pytest.mark.backends
@@ -27,6 +28,16 @@ def pg(postgres: Postgres) -> Iterator[Postgres]:
     yield postgres
     # No test leaves a query running on the server.
     assert sleeping(postgres) == 0
+
+
+@pytest.fixture(params=["sync with the next write", "sync at once"])
+def sync(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a pipelined query's Sync is sent: queued until the connection's next
+    write (PQsendPipelineSync, libpq 17 and later) or written at once (PQpipelineSync)."""
+    if request.param == "sync at once":
+        monkeypatch.setattr(pgsql, "_send_sync", None)
+    elif pgsql._send_sync is None:
+        pytest.skip("this libpq has no PQsendPipelineSync (libpq 17 and later)")
 
 
 def sleeping(db: Postgres) -> int:
@@ -124,7 +135,7 @@ def test_sql_error_is_retry_naming_table_host_and_cause(
     )
 
 
-def test_query_longer_than_the_socket_buffer(pg: Postgres, tmp_path: Path) -> None:
+def test_query_longer_than_the_socket_buffer(pg: Postgres, tmp_path: Path, sync: None) -> None:
     key = b"x" * 8_000_000
     assert answers(pg, tmp_path / "long.cf", "SELECT length('%s')::text", [key]) == [b"8000000"]
 
@@ -222,7 +233,7 @@ def backends(db: Postgres) -> int:
     return int(count)
 
 
-def test_lookups_share_a_connection_pipelined(pg: Postgres, tmp_path: Path) -> None:
+def test_lookups_share_a_connection_pipelined(pg: Postgres, tmp_path: Path, sync: None) -> None:
     """Many lookups at once on one connection: each gets its own answer, in any order."""
     cf = pg.cf(tmp_path / "piped.cf", query="SELECT '%s' || '=' || pg_backend_pid()")
     keys = [f"k{i}".encode() for i in range(60)]
@@ -242,7 +253,41 @@ def test_lookups_share_a_connection_pipelined(pg: Postgres, tmp_path: Path) -> N
     run(scenario())
 
 
-def test_several_statements_and_pipelined_ones_on_one_pool(pg: Postgres, tmp_path: Path) -> None:
+def test_lookups_arriving_together_leave_in_one_write(
+    pg: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries for one connection submitted in the same turn of the event loop are
+    written together, so the server reads them in one go."""
+    if pgsql._send_sync is None:
+        pytest.skip("this libpq has no PQsendPipelineSync (libpq 17 and later)")
+    writes = 0
+    flush = PgConn._flush
+
+    def counted(conn: PgConn) -> None:
+        nonlocal writes
+        writes += 1
+        flush(conn)
+
+    monkeypatch.setattr(PgConn, "_flush", counted)
+    cf = pg.cf(tmp_path / "together.cf", query="SELECT '%s'")
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=1)
+        try:
+            assert await lookup(table, b"warm") == b"warm"
+            before = writes
+            keys = [b"k%d" % i for i in range(10)]
+            assert await asyncio.gather(*(lookup(table, k) for k in keys)) == keys
+            assert writes - before == 1
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_several_statements_and_pipelined_ones_on_one_pool(
+    pg: Postgres, tmp_path: Path, sync: None
+) -> None:
     """Tables with the same settings share the pool: a query of several statements (sent
     as PQexec() sends it) waits for a connection of its own, between pipelined ones."""
     single = pg.cf(tmp_path / "single.cf", query="SELECT 'one:%s';")
@@ -274,7 +319,9 @@ def test_a_key_with_a_semicolon_is_sent_as_pqexec_sends_it(pg: Postgres, tmp_pat
     assert answers(pg, cf, "SELECT %s", [b"1; SELECT 2", b"3;"]) == [b"2", b"3"]
 
 
-def test_an_error_fails_only_its_own_pipelined_lookup(pg: Postgres, tmp_path: Path) -> None:
+def test_an_error_fails_only_its_own_pipelined_lookup(
+    pg: Postgres, tmp_path: Path, sync: None
+) -> None:
     query = "SELECT CASE WHEN '%s' = 'bad' THEN (1/0)::text ELSE '%s' END"
     cf = pg.cf(tmp_path / "error.cf", query=query)
 

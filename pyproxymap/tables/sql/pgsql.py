@@ -18,15 +18,18 @@ parameter) and cancels queries; queries bypass its cursors and go to libpq throu
 socket is readable, with no task per query: a lookup then costs about 55 % of the
 CPU it costs through an ``AsyncCursor``. A single statement, the usual query, is
 pipelined (the extended query protocol, which runs one statement as the simple
-protocol of PQexec() does): up to PIPELINE_DEPTH lookups share a connection, and the
-server and we each read several queries or answers per system call, and both spend
-less CPU per query (bench/RESULTS.md, Run 7). Several statements go with the simple
-protocol, as PQexec() sends them, on a connection with nothing else in flight.
+protocol of PQexec() does): up to PIPELINE_DEPTH lookups share a connection, the
+queries for one connection that arrive in the same turn of the event loop leave in
+one write, the server and we each read several queries or answers per system call,
+and both spend less CPU per query (bench/RESULTS.md, Runs 7 and 8). Several
+statements go with the simple protocol, as PQexec() sends them, on a connection with
+nothing else in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import re
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -63,6 +66,34 @@ else:
     _NO_ROWS = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.EMPTY_QUERY)
     _FAILED = (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED)
     _SYNC = pq.ExecStatus.PIPELINE_SYNC
+
+
+def _libpq_send_sync() -> Callable[[int], int] | None:
+    """PQsendPipelineSync() of the libpq that psycopg loaded (libpq 17 and later): a
+    Sync sent with the next flush rather than at once. psycopg does not wrap it; it
+    documents ``PGconn.pgconn_ptr`` for calling such functions with ctypes. None
+    (each Sync then leaves at once, with its own write) for an older libpq or one
+    this cannot find."""
+    if psycopg is None or pq.version() < 170000:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            fields = [line.split(None, 5) for line in maps]
+    except OSError:
+        return None
+    paths = {f[5].strip() for f in fields if len(f) == 6 and "/libpq" in f[5]}
+    for path in sorted(paths):
+        try:
+            function = ctypes.CDLL(path).PQsendPipelineSync
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p]
+        function.restype = ctypes.c_int
+        return function  # type: ignore[no-any-return]
+    return None
+
+
+_send_sync = _libpq_send_sync()
 
 
 def redact(uri: str) -> str:
@@ -122,6 +153,7 @@ class PgConn:
         "quote",
         "rows",
         "stopping",
+        "unflushed",
     )
 
     def __init__(self, driver: psycopg.AsyncConnection[Any]) -> None:
@@ -132,6 +164,7 @@ class PgConn:
         self.loop = asyncio.get_running_loop()
         self.inflight: deque[Query] = deque()  # oldest first; answers come in this order
         self.piped = False  # libpq is in pipeline mode
+        self.unflushed = False  # queries are queued in libpq: a flush is due
         self.stopping = False  # every query in flight was given up on: cancel them all
         self.rows: Rows = []  # of the oldest query, so far
         self.error = ""
@@ -150,17 +183,39 @@ class PgConn:
                     pgconn.enter_pipeline_mode()
                     self.piped = True
                 pgconn.send_query_params(sql, None)
-                pgconn.pipeline_sync()
+                if _send_sync is not None:
+                    if not _send_sync(pgconn.pgconn_ptr):
+                        raise psycopg.OperationalError(pgconn.get_error_message())
+                    self._flush_soon()
+                    return query
+                pgconn.pipeline_sync()  # flushes
             else:  # the pool gave us the connection alone
                 if self.piped:
                     pgconn.exit_pipeline_mode()
                     self.piped = False
                 pgconn.send_query(sql)
-            if pgconn.flush():  # a query too long for the socket buffer
-                self.loop.add_writer(self.fd, self._writable)
+            self._flush()
         except psycopg.Error as e:
             self._fail(e)
         return query
+
+    def _flush_soon(self) -> None:
+        """Send what is queued once this turn of the event loop is over: the queries
+        for this connection that arrive in the same turn leave in one write."""
+        if not self.unflushed:
+            self.unflushed = True
+            self.loop.call_soon(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        self.unflushed = False
+        try:
+            self._flush()
+        except psycopg.Error as e:
+            self._fail(e)
+
+    def _flush(self) -> None:
+        if self.pgconn.flush():  # more than the socket buffer takes
+            self.loop.add_writer(self.fd, self._writable)
 
     def stalled(self) -> bool:
         return bool(self.inflight) and self.loop.time() - self.inflight[0].sent > PIPELINE_STALL
