@@ -25,7 +25,8 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from inspect import isawaitable
 from time import perf_counter_ns
 from typing import Any
@@ -56,7 +57,25 @@ PROXY_PREFIX = "proxy:"
 _READY = frozenset({bytes, bool, tuple})
 NON_UTF8 = "malformed UTF-8 or invalid codepoint"
 KEYED = (LOOKUP, UPDATE, DELETE)
-Reply = bytes | Awaitable[bytes]
+
+
+class Pending:
+    """A reply still to come: ``finish(future)`` is the reply once ``future`` is done.
+
+    A table's own future (a database answer) is waited for with a callback, not a
+    task: the session adds one to ``future`` and sends ``finish``'s bytes. Cancelling
+    ``future`` gives the request up."""
+
+    __slots__ = ("finish", "future")
+
+    def __init__(
+        self, future: asyncio.Future[Any], finish: Callable[[asyncio.Future[Any]], bytes]
+    ) -> None:
+        self.future = future
+        self.finish = finish
+
+
+Reply = bytes | Pending
 
 
 class Service:
@@ -81,7 +100,7 @@ class Service:
         self.counts, self.latency = old.counts, old.latency
 
     def handle(self, req: Request) -> Reply:
-        """The reply to ``req``: bytes when it is ready now, else an awaitable of bytes."""
+        """The reply to ``req``: bytes when it is ready now, else the Pending reply."""
         name = req.table
         while name.startswith(PROXY_PREFIX):
             name = name[len(PROXY_PREFIX) :]
@@ -109,19 +128,23 @@ class Service:
         start = perf_counter_ns()
         table = self.tables.get(name, req.instance_flags)
         if not isinstance(table, Table):
-            return self._call_when_open(req, table, start)
-        reply = self._call(req, table, start)
-        if isinstance(reply, bytes):
-            self._took(req, table, start)
-        return reply
+            opened = asyncio.get_running_loop().create_task(self._call_when_open(req, table, start))
+            return Pending(opened, asyncio.Task.result)
+        return self._call(req, table, start)
 
     async def _call_when_open(self, req: Request, opening: Awaitable[Table], start: int) -> bytes:
         table = await opening
         reply = self._call(req, table, start)
         if isinstance(reply, bytes):
-            self._took(req, table, start)
             return reply
-        return await reply
+        try:
+            await reply.future  # cancelling this task cancels it
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+        except Exception:
+            pass  # finish() answers it
+        return reply.finish(reply.future)
 
     def _took(self, req: Request, table: Table, start: int) -> None:
         """Time a reply (from ``start``, perf_counter_ns) and warn when it was slow."""
@@ -144,45 +167,48 @@ class Service:
             )
 
     def _call(self, req: Request, table: Table, start: int) -> Reply:
-        """The reply now, or a coroutine that also times it (one coroutine less per
-        request that waits)."""
+        """The reply now, or Pending until the table has answered; timed either way."""
         op = req.op
         if op == OPEN:
-            return self._reply(req, Status.OK, req.instance_flags | table.flags)
-        if op == LOOKUP and self._not_utf8(req, req.key):
+            reply = self._reply(req, Status.OK, req.instance_flags | table.flags)
+        elif op == LOOKUP and self._not_utf8(req, req.key):
             self.log.warning(
                 '%s: non-UTF-8 key "%s": %s',
                 printable(table.ctx.spec),
                 printable(req.key),
                 NON_UTF8,
             )
-            return self._reply(req, Status.NOKEY, req.flags)
-        try:
-            if op == LOOKUP:
-                result: Any = table.lookup(table.folded(req.key, req.flags), req.flags)
-            elif op == SEQUENCE:
-                result = table.sequence(req.function, req.flags)
-            elif op == UPDATE:
-                result = table.update(table.folded(req.key, req.flags), req.value, req.flags)
-            else:
-                result = table.delete(table.folded(req.key, req.flags), req.flags)
-        except Exception as e:
-            return self._failed(req, e)
-        if result is not None and type(result) not in _READY and isawaitable(result):
-            return self._finish(req, table, result, start)
-        return self._succeeded(req, result)
-
-    async def _finish(
-        self, req: Request, table: Table, pending: Awaitable[Any], start: int
-    ) -> bytes:
-        try:
-            result = await pending
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            reply = self._failed(req, e)
+            reply = self._reply(req, Status.NOKEY, req.flags)
         else:
-            reply = self._succeeded(req, result)
+            try:
+                if op == LOOKUP:
+                    result: Any = table.lookup(table.folded(req.key, req.flags), req.flags)
+                elif op == SEQUENCE:
+                    result = table.sequence(req.function, req.flags)
+                elif op == UPDATE:
+                    result = table.update(table.folded(req.key, req.flags), req.value, req.flags)
+                else:
+                    result = table.delete(table.folded(req.key, req.flags), req.flags)
+            except Exception as e:
+                reply = self._failed(req, e)
+            else:
+                if isinstance(result, asyncio.Future):  # a database's answer to come
+                    return Pending(result, partial(self._settled, req, table, start))
+                if result is not None and type(result) not in _READY and isawaitable(result):
+                    task = asyncio.get_running_loop().create_task(result)
+                    return Pending(task, partial(self._settled, req, table, start))
+                reply = self._succeeded(req, result)
+        self._took(req, table, start)
+        return reply
+
+    def _settled(self, req: Request, table: Table, start: int, done: asyncio.Future[Any]) -> bytes:
+        """The reply once the table's answer (or failure) is in."""
+        if done.cancelled():
+            reply = self._failed(req, TableRetry(f"{req.table}: {req.op} was cancelled"))
+        elif (error := done.exception()) is not None:
+            reply = self._failed(req, error)
+        else:
+            reply = self._succeeded(req, done.result())
         self._took(req, table, start)
         return reply
 

@@ -2,9 +2,10 @@
 
 An ``asyncio.Protocol`` rather than streams: ``data_received`` feeds the
 incremental decoder and a lookup in an in-memory table is answered right there,
-with no task and no per-request timer. Only a request whose table must be opened
-or whose backend really waits becomes a task; replies still leave in request
-order, because later requests queue behind it.
+with no task and no per-request timer. A request whose backend really waits is
+answered from a callback on its future (a database answer), or from a task (a
+table being opened, a backend that awaits); replies still leave in request order,
+because later requests queue behind it.
 
 Where Postfix's proxymap is fragile, this is not: a client that stalls in the
 middle of a request is closed at the deadline (proxymap spins), every pipelined
@@ -17,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from ..wire.attr import AttrError, Decoder, Limits, Record
 from ..wire.proxymap import GREETING, ProtocolError, parse_request
+from .service import Pending
 
 if TYPE_CHECKING:
     from .app import ServiceSlot
@@ -34,9 +36,9 @@ class Session(asyncio.Protocol):
         "_log",
         "_max_pipelined",
         "_paused_reading",
+        "_pending",
         "_queue",
         "_slot",
-        "_task",
         "_timeout",
         "_transport",
         "_writing_paused",
@@ -60,7 +62,7 @@ class Session(asyncio.Protocol):
         self._log = log
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Record] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._pending: Pending | None = None  # the reply being waited for
         self._deadline: asyncio.TimerHandle | None = None
         self._paused_reading = False
         self._writing_paused = False
@@ -70,7 +72,7 @@ class Session(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """A request is being served or waits to be."""
-        return self._task is not None or bool(self._queue)
+        return self._pending is not None or bool(self._queue)
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,7 +87,7 @@ class Session(asyncio.Protocol):
             self.abort()
             return
         if records:
-            if self._task is None and not self._queue:
+            if self._pending is None and not self._queue:
                 self._serve_now(records)
             else:
                 self._queue.extend(records)
@@ -101,9 +103,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        if self._pending is not None:
+            self._pending.future.cancel()
+            self._pending = None
         self._queue.clear()
         self._transport = None
         if self.on_lost is not None:
@@ -143,7 +145,7 @@ class Session(asyncio.Protocol):
             return
         self._flush(replies)
 
-    def _answer(self, record: Record) -> bytes | Awaitable[bytes] | None:
+    def _answer(self, record: Record) -> bytes | Pending | None:
         try:
             request = parse_request(record)
         except ProtocolError as e:
@@ -157,19 +159,22 @@ class Session(asyncio.Protocol):
             )
         return self._slot.service.handle(request)
 
-    def _wait_for(self, reply: Awaitable[bytes]) -> None:
-        self._task = asyncio.ensure_future(self._deliver(reply))
+    def _wait_for(self, reply: Pending) -> None:
+        self._pending = reply
+        reply.future.add_done_callback(self._deliver)
 
-    async def _deliver(self, reply: Awaitable[bytes]) -> None:
+    def _deliver(self, future: asyncio.Future[object]) -> None:
+        reply, self._pending = self._pending, None
+        if self._transport is None or reply is None or reply.future is not future:
+            return  # the connection is gone (and the request given up)
         try:
-            data = await reply
-        except Exception:  # the service answers failures itself; this is a bug
-            self._log.exception("request failed; closing the connection")
-            self._task = None
+            data = reply.finish(future)
+        except asyncio.CancelledError:  # a task of the service, cancelled: we are stopping
             self.abort()
             return
-        self._task = None
-        if self._transport is None:
+        except Exception:  # the service answers failures itself; this is a bug
+            self._log.exception("request failed; closing the connection")
+            self.abort()
             return
         self._flush([data])
         self._drain_queue()

@@ -13,6 +13,7 @@ never stopped.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import secrets
 import socket
@@ -92,7 +93,7 @@ def open_nested(spec: str, instance_flags: int) -> Table:
 async def lookup(table: Table, key: bytes) -> bytes | None:
     """A lookup as postmap -q makes it: the key folded (utf8 casefold)."""
     result = table.lookup(utf8_fold(key), 0)
-    return await result if asyncio.iscoroutine(result) else result  # type: ignore[return-value]
+    return await result if inspect.isawaitable(result) else result  # type: ignore[return-value]
 
 
 def write_cf(path: Path, params: dict[str, str]) -> Path:

@@ -97,12 +97,17 @@ def open_without_smtputf8(cf: Path) -> PgsqlTable:
     return PgsqlTable(OpenContext(type="pgsql", name=str(cf), fold=ascii_fold))
 
 
+async def unfolded(table: Table, key: bytes) -> bytes | None:
+    """A lookup of ``key`` as it is (the table's lookup runs in the event loop)."""
+    return await table.lookup(key, 0)  # type: ignore[misc, no-any-return]
+
+
 def test_client_encoding(pg: Postgres, tmp_path: Path) -> None:
     query = "SELECT '%s' || chr(233)"
     assert answers(pg, tmp_path / "utf8.cf", query, [b"x"]) == ["xé".encode()]
     latin1 = open_without_smtputf8(pg.cf(tmp_path / "latin1.cf", query=query, encoding="LATIN1"))
     try:
-        assert run(latin1.lookup(b"x\xfc", 0)) == b"x\xfc\xe9"  # type: ignore[arg-type]
+        assert run(unfolded(latin1, b"x\xfc")) == b"x\xfc\xe9"
     finally:
         latin1.close()
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from inspect import isawaitable
 
 from pyproxymap.config.allowlist import AllowList
-from pyproxymap.server.service import Service
+from pyproxymap.server.service import Pending, Reply, Service
 from pyproxymap.server.tablecache import TableCache
 from pyproxymap.tables.base import OpenContext, Table, TableConfigError, TableRetry
 from pyproxymap.wire.proxymap import LOOKUP, OLD_DIALECT, SEQUENCE, UPDATE, Request
@@ -28,17 +27,24 @@ def lookup(table: str, key: bytes, flags: int = 0) -> Request:
     return Request(LOOKUP, table, OLD_DIALECT, 0, flags, key)
 
 
+async def answered(reply: Reply) -> bytes:
+    """The bytes of a reply, once a Pending one has come (as the session waits)."""
+    if isinstance(reply, bytes):
+        return reply
+    await asyncio.wait((reply.future,))
+    return reply.finish(reply.future)
+
+
 async def ask(svc: Service, req: Request) -> bytes:
-    reply = svc.handle(req)
-    return await reply if isawaitable(reply) else reply
+    return await answered(svc.handle(req))
 
 
 def test_first_lookup_opens_then_answers_at_once():
     async def go():
         svc = service("static:x")
         first = svc.handle(lookup("static:x", b"k"))
-        assert isawaitable(first)  # the open runs in a thread
-        assert await first == b"status\x000\x00value\x00x\x00\x00"
+        assert isinstance(first, Pending)  # the open runs in a thread
+        assert await answered(first) == b"status\x000\x00value\x00x\x00\x00"
         second = svc.handle(lookup("static:x", b"k"))
         assert second == b"status\x000\x00value\x00x\x00\x00"  # ready: no task, no await
 

@@ -115,7 +115,7 @@ def parse_host(entry: str) -> tuple[int, str, str]:
 def one_statement(sql: bytes) -> bool:
     """Whether ``sql`` is certainly a single statement (no semicolon but trailing ones),
     so the extended query protocol runs it as PQexec() would."""
-    return b";" not in sql.rstrip(_TRAILING)
+    return sql.rstrip(_TRAILING).find(b";") < 0  # not `in`: see Templates.results
 
 
 def _words(message: BaseException | str) -> str:
@@ -326,6 +326,8 @@ class Query(asyncio.Future[Rows]):
     away) gives up on it; the future ends, cancelled, once its answer came in, the
     server stopped it, or CANCEL_WAIT passed: until then the pool keeps the
     connection's place in its count."""
+
+    __slots__ = ("_conn", "abandoned", "sent")
 
     def __init__(self, conn: PgConn) -> None:
         super().__init__(loop=conn.loop)

@@ -17,7 +17,7 @@ connection settings:
   to the end of a close, so the server never sees more; a lookup that finds
   them all busy waits in line at most ``pool_wait`` seconds;
 - a backend that pipelines (pgsql: ``Backend.depth`` > 1) lets a lookup that may
-  share (``run(shared=True)``) take a seat on the least busy connection in use,
+  share (``query(shared=True)``) take a seat on the least busy connection in use,
   unless the backend says its oldest query has stalled; a connection that fails or
   is given up on takes no new lookups and closes when its last user leaves;
 - every lookup has a deadline (``timeout``): past it the lookup is RETRY at
@@ -150,6 +150,154 @@ def _time_out(waiter: asyncio.Future[Any]) -> None:
         waiter.set_result(_TIMED_OUT)
 
 
+def _rows(rows: Rows) -> Rows:
+    return rows
+
+
+class _Lookup(asyncio.Future[T]):
+    """One lookup's query, from the wait for a connection to the answer, with failover
+    to the next host, the deadline, and cancel() to give it up. The pool's bookkeeping
+    (seats, releases, failed hosts) stays in the pool."""
+
+    __slots__ = (
+        "_conn",
+        "_deadline",
+        "_finish",
+        "_pool",
+        "_seats",
+        "_sql_for",
+        "_table",
+        "_timeout",
+        "_timer",
+        "_tried",
+        "_waiting",
+        "_work",
+    )
+
+    def __init__(
+        self,
+        pool: Pool[Any],
+        table: str,
+        sql_for: SqlFor,
+        deadline: float,
+        timeout: float,
+        seats: int,
+        finish: Callable[[Rows], T],
+    ) -> None:
+        assert pool._loop is not None
+        super().__init__(loop=pool._loop)
+        self._pool = pool
+        self._table = table
+        self._sql_for = sql_for
+        self._deadline = deadline
+        self._timeout = timeout
+        self._seats = seats
+        self._finish = finish
+        self._tried: set[Host[Any]] = set()
+        self._conn: _Conn[Any] | None = None
+        self._work: asyncio.Future[Rows] | None = None  # the query on self._conn
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: asyncio.Task[None] | None = None  # for a connection
+
+    def wait_for_connection(self) -> None:
+        self._waiting = self.get_loop().create_task(self._acquire())
+
+    async def _acquire(self) -> None:
+        try:
+            conn = await self._pool._acquire(self._table, self._deadline, self._tried, self._seats)
+        except asyncio.CancelledError:
+            return  # given up: cancel() ended the lookup
+        except BaseException as e:
+            self._waiting = None
+            if not self.done():
+                self.set_exception(e)
+            return
+        self._waiting = None
+        self.send(conn)
+
+    def send(self, conn: _Conn[Any]) -> None:
+        """Run the query on ``conn``, whose seats are taken for us."""
+        work = self._pool.backend.query(conn.raw, self._sql_for)
+        if not isinstance(work, asyncio.Future):
+            work = asyncio.ensure_future(work)
+        self._conn, self._work = conn, work
+        if work.done():
+            self._answered(work)
+            return
+        self._timer = self.get_loop().call_at(self._deadline, self._expired)
+        work.add_done_callback(self._answered)
+
+    def _answered(self, work: asyncio.Future[Rows]) -> None:
+        conn, pool, seats = self._conn, self._pool, self._seats
+        assert conn is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._conn = self._work = self._timer = None
+        if work.cancelled():  # not by us (cancel() stops listening first)
+            conn.broken = True
+            pool._release(conn, seats)
+            self.set_exception(TableRetry(f"{self._table}: {pool._where(conn.host)}: cancelled"))
+            return
+        error = work.exception()
+        if error is None:
+            pool._release(conn, seats)
+            try:
+                value = self._finish(work.result())
+            except BaseException as e:
+                self.set_exception(e)
+            else:
+                self.set_result(value)
+        elif isinstance(error, QueryFailed):
+            conn.broken = True
+            pool._release(conn, seats)
+            pool._warn_host_failed(self._table, "query failed on", conn.host, str(error))
+            self._tried.add(conn.host)
+            self.wait_for_connection()  # on the next host
+        elif isinstance(error, TableError):
+            pool._release(conn, seats)
+            where = pool._where(conn.host)
+            failed = type(error)(f"{self._table}: {where}: {error}")
+            failed.__cause__ = error
+            self.set_exception(failed)
+        else:
+            conn.broken = True
+            pool._release(conn, seats)
+            self.set_exception(error)
+
+    def _expired(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._timer = None
+        self._give_up()
+        cause = f"query timed out after {self._timeout:g} s"
+        self._pool._host_failed(conn.host, cause)
+        self.set_exception(TableRetry(f"{self._table}: {self._pool._where(conn.host)}: {cause}"))
+
+    def _give_up(self) -> None:
+        """Stop listening to the query in flight and cancel it: its connection, broken,
+        keeps its seats until the query has ended."""
+        conn, work, seats = self._conn, self._work, self._seats
+        assert conn is not None and work is not None
+        self._conn = self._work = None
+        work.remove_done_callback(self._answered)
+        work.cancel()
+        conn.broken = True
+        self._pool._later(work, lambda _: self._pool._release(conn, seats))
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        if self._work is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._give_up()
+        return super().cancel(msg)
+
+
 class Pool(Generic[C]):
     """Connections to one set of hosts, shared by every table with the same settings."""
 
@@ -184,44 +332,32 @@ class Pool(Generic[C]):
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
 
-    async def run(self, table: str, sql_for: SqlFor, timeout: float, shared: bool = False) -> Rows:
-        """The rows the query returns, from the first host that answers; TableRetry when
-        none does by the deadline. ``table`` names the table in log lines. ``shared``:
-        the query may run on a connection that carries other lookups' queries (when the
-        backend pipelines them); otherwise it has its connection to itself."""
+    def query(
+        self,
+        table: str,
+        sql_for: SqlFor,
+        timeout: float,
+        shared: bool = False,
+        finish: Callable[[Rows], T] = _rows,  # type: ignore[assignment]
+    ) -> asyncio.Future[T]:
+        """``finish`` of the rows the query returns, from the first host that answers;
+        TableRetry when none does by the deadline. ``table`` names the table in log
+        lines. ``shared``: the query may run on a connection that carries other lookups'
+        queries (when the backend pipelines them); otherwise it has its connection to
+        itself. Cancelling the future gives the lookup up.
+
+        A connection ready for the query (idle and recently used, or a seat on one in
+        use) gets it at once, and callbacks carry the answer back: no task, no
+        coroutine. Otherwise a task waits for a connection, then sends it the same way."""
         loop = self._bind()
-        deadline = loop.time() + timeout
-        tried: set[Host[Any]] = set()
         seats = 1 if shared else self._depth
-        while True:
-            conn = await self._acquire(table, deadline, tried, seats)
-            work = self.backend.query(conn.raw, sql_for)
-            task = work if isinstance(work, asyncio.Future) else asyncio.ensure_future(work)
-            try:
-                rows = await self._settle(task, deadline)
-            except (TimeoutError, asyncio.CancelledError) as e:
-                conn.broken = True
-                self._later(task, lambda _, c=conn: self._release(c, seats))
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                cause = f"query timed out after {timeout:g} s"
-                self._host_failed(conn.host, cause)
-                raise TableRetry(f"{table}: {self._where(conn.host)}: {cause}") from None
-            except QueryFailed as e:
-                conn.broken = True
-                self._release(conn, seats)
-                self._warn_host_failed(table, "query failed on", conn.host, str(e))
-                tried.add(conn.host)
-                continue
-            except TableError as e:
-                self._release(conn, seats)
-                raise type(e)(f"{table}: {self._where(conn.host)}: {e}") from e
-            except BaseException:
-                conn.broken = True
-                self._release(conn, seats)
-                raise
-            self._release(conn, seats)
-            return rows
+        lookup = _Lookup(self, table, sql_for, loop.time() + timeout, timeout, seats, finish)
+        conn = self._ready(seats)
+        if conn is None:
+            lookup.wait_for_connection()
+        else:
+            lookup.send(conn)
+        return lookup
 
     def _where(self, host: Host[Any]) -> str:
         return f"{self.backend.name} {self.backend.what} {host.label}"
@@ -302,6 +438,23 @@ class Pool(Generic[C]):
                 conn.users += seats
                 return conn
         return await self._wait_for_slot(table, deadline, tried, seats)
+
+    def _ready(self, seats: int) -> _Conn[C] | None:
+        """A connection that takes the lookup now, without waiting or a health check: the
+        connection idle the shortest while (if recently used), else, when no connection
+        may be opened and nobody waits in line, a seat on one in use. None: _acquire()."""
+        assert self._loop is not None
+        if self._idle:
+            conn = self._idle[-1]
+            if self._loop.time() - conn.used >= CHECK_AFTER or not self._reusable(conn):
+                return None
+            return self._take(self._idle.pop(), seats)
+        if self._live < self.size or seats == self._depth or self._waiters:
+            return None
+        conn = self._sharable(set())
+        if conn is not None:
+            conn.users += seats
+        return conn
 
     def _take(self, conn: _Conn[C], seats: int) -> _Conn[C]:
         conn.users = seats

@@ -9,6 +9,7 @@ key when the client asks (FOLD_FIX), and lookup is the only operation.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ from ..source import printable, refuse_writes, utf8_enabled, valid_utf8
 from ..utf8layer import checked_value, key_rejected
 from .config import CfgFile, LookupConfig, lookup_config
 from .pool import Pool, share, unshare
-from .query import DomainList, Templates
+from .query import DomainList, Rows, Templates
 
 
 class SqlTable(Table):
@@ -59,18 +60,30 @@ class SqlTable(Table):
     def lookup(self, key: bytes, flags: int) -> Maybe[bytes | None]:
         if key_rejected(self.ctx, key) or (self.utf8_keys_only and not valid_utf8(key)):
             return None
-        return self._lookup(key)
+        if self._domain:
+            return self._lookup_in_domain(key)
+        return self._query(key)
 
-    async def _lookup(self, key: bytes) -> bytes | None:
-        if self._domain and not await self._domain.allows(key):
+    async def _lookup_in_domain(self, key: bytes) -> bytes | None:
+        if not await self._domain.allows(key):
             return None
+        answer = self._query(key)
+        return None if answer is None else await answer
+
+    def _query(self, key: bytes) -> asyncio.Future[bytes | None] | None:
+        """The answer to the query for ``key`` (sent now if a connection is ready for it);
+        None when a template needs what the key does not have (no query, as Postfix)."""
         parts = self._templates.query_parts(key)
         if parts is None:
             return None
         sql_for = partial(self._templates.build_query, parts)
         # A single statement may share a connection (pipelined); quoting adds no ';'.
-        shared = self._templates.one_statement and b";" not in key
-        rows = await self.pool.run(self._spec, sql_for, self.ctx.options.timeout, shared)
+        # (find(), not `in`: see Templates.results.)
+        shared = self._templates.one_statement and key.find(b";") < 0
+        timeout = self.ctx.options.timeout
+        return self.pool.query(self._spec, sql_for, timeout, shared, partial(self._value, key))
+
+    def _value(self, key: bytes, rows: Rows) -> bytes | None:
         return checked_value(self.ctx, key, self._templates.results(rows, key))
 
     def changed(self) -> bool:
