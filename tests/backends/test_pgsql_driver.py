@@ -5,6 +5,7 @@ lookup, server hang-up) that is stopped on the server and leaves the pool usable
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from pyproxymap.tables.base import OpenContext, Table, TableRetry, ascii_fold
 from pyproxymap.tables.sql import pgsql
-from pyproxymap.tables.sql.pgsql import PgConn, PgsqlTable
+from pyproxymap.tables.sql.pgsql import PgConn, PgsqlBackend, PgsqlTable, Query
 from tests.backends.conftest import Postgres, lookup, open_table, run
 
 pytestmark = pytest.mark.backends
@@ -382,6 +383,128 @@ def test_a_stalled_connection_takes_no_more_lookups(pg: Postgres, tmp_path: Path
                 await lookup(table, b"fast")
             slow.cancel()
             assert await recovered(table, b"fast") < 1.0
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def loop_errors() -> list[dict[str, Any]]:
+    """What reaches the running loop's exception handler from now on: an exception in a
+    callback, a failure nobody retrieved."""
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    return errors
+
+
+def sent_queries(monkeypatch: pytest.MonkeyPatch) -> list[Query]:
+    """The queries submitted from now on, in order."""
+    sent: list[Query] = []
+    submit = PgConn.submit
+
+    def recorded(conn: PgConn, sql: bytes) -> Query:
+        sent.append(submit(conn, sql))
+        return sent[-1]
+
+    monkeypatch.setattr(PgConn, "submit", recorded)
+    return sent
+
+
+def test_a_lookup_given_up_as_its_answer_comes_in(
+    pg: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client goes away after the answer was read but before the lookup heard of it:
+    its seats are given back once, nothing fails in the event loop."""
+    cf = pg.cf(tmp_path / "late.cf", query="SELECT '%s'")
+    sent = sent_queries(monkeypatch)
+
+    async def scenario() -> None:
+        errors = loop_errors()
+        table = open_table("pgsql", cf, max_connections=1)
+        try:
+            assert await lookup(table, b"warm") == b"warm"
+            answer = table.lookup(b"k", 0)
+            assert isinstance(answer, asyncio.Future)
+            while not sent[-1].done():
+                await asyncio.sleep(0)
+            assert not answer.done()  # its callback is still to run
+            answer.cancel()
+            assert await lookup(table, b"next") == b"next"
+            assert table.stats()["pool_in_use"] == 0
+            assert errors == []
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_an_answer_read_as_the_deadline_passes_is_the_answer(pg: Postgres, tmp_path: Path) -> None:
+    """The loop was busy past the deadline and then reads the answer and runs the deadline
+    timer in the same pass (asyncio's loop runs I/O callbacks first): the answer is
+    given, the host is not marked down, nothing fails in the event loop."""
+    cf = pg.cf(tmp_path / "edge.cf", query="SELECT '%s'")
+
+    async def scenario() -> None:
+        errors = loop_errors()
+        table = open_table("pgsql", cf, timeout=0.2, max_connections=1)
+        try:
+            assert await lookup(table, b"warm") == b"warm"
+            answer = table.lookup(b"k", 0)
+            assert isinstance(answer, asyncio.Future)
+            await asyncio.sleep(0)  # the query leaves
+            time.sleep(0.4)  # the loop is busy until after the answer and the deadline
+            assert await answer == b"k"
+            assert table.stats() == {"pool_in_use": 0, "pool_idle": 1, "pool_waiting": 0}
+            assert errors == []
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_a_failed_lookup_whose_client_went_away_is_not_reported_unretrieved(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """A session cancels the lookup of a client that went away; when it had just failed,
+    the failure is dropped as any future's is, not logged as never retrieved."""
+    cf = pg.cf(tmp_path / "failed.cf", query="SELECT nosuchcolumn WHERE '%s' <> ''")
+
+    async def scenario() -> None:
+        errors = loop_errors()
+        table = open_table("pgsql", cf)
+        try:
+            answer = table.lookup(b"k", 0)
+            assert isinstance(answer, asyncio.Future)
+            await asyncio.wait([answer])
+            assert not answer.cancel()
+            del answer
+            gc.collect()
+            assert errors == []
+        finally:
+            table.close()
+
+    run(scenario())
+
+
+def test_a_driver_that_raises_is_retry_not_a_lookup_that_never_ends(
+    pg: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception from the driver while sending the query (a bug) fails that
+    lookup, also when it waited for a connection, and frees the connection's seat."""
+    cf = pg.cf(tmp_path / "bug.cf", query="SELECT '%s'")
+
+    def query(self: PgsqlBackend, conn: PgConn, sql_for: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(PgsqlBackend, "query", query)
+
+    async def scenario() -> None:
+        table = open_table("pgsql", cf, max_connections=1)
+        try:
+            for _ in range(2):  # a new connection, then the idle one
+                with pytest.raises(RuntimeError, match="a bug"):
+                    await asyncio.wait_for(lookup(table, b"k"), 2)
+                assert table.stats()["pool_in_use"] == 0
         finally:
             table.close()
 

@@ -217,7 +217,13 @@ class _Lookup(asyncio.Future[T]):
 
     def send(self, conn: _Conn[Any]) -> None:
         """Run the query on ``conn``, whose seats are taken for us."""
-        work = self._pool.backend.query(conn.raw, self._sql_for)
+        try:
+            work = self._pool.backend.query(conn.raw, self._sql_for)
+        except Exception as e:  # a driver's bug: RETRY for this lookup, not no answer ever
+            conn.broken = True
+            self._pool._release(conn, self._seats)
+            self.set_exception(e)
+            return
         if not isinstance(work, asyncio.Future):
             work = asyncio.ensure_future(work)
         self._conn, self._work = conn, work
@@ -228,6 +234,8 @@ class _Lookup(asyncio.Future[T]):
         work.add_done_callback(self._answered)
 
     def _answered(self, work: asyncio.Future[Rows]) -> None:
+        if work is not self._work:  # given up on after it ended: _give_up() released it
+            return
         conn, pool, seats = self._conn, self._pool, self._seats
         assert conn is not None
         if self._timer is not None:
@@ -265,9 +273,11 @@ class _Lookup(asyncio.Future[T]):
             self.set_exception(error)
 
     def _expired(self) -> None:
-        conn = self._conn
-        assert conn is not None
+        conn, work = self._conn, self._work
+        assert conn is not None and work is not None
         self._timer = None
+        if work.done():  # the answer came in this same pass: _answered() delivers it
+            return
         self._give_up()
         cause = f"query timed out after {self._timeout:g} s"
         self._pool._host_failed(conn.host, cause)
@@ -275,7 +285,8 @@ class _Lookup(asyncio.Future[T]):
 
     def _give_up(self) -> None:
         """Stop listening to the query in flight and cancel it: its connection, broken,
-        keeps its seats until the query has ended."""
+        keeps its seats until the query has ended. (If it has just ended, the
+        _answered() already on its way finds it given up and does nothing.)"""
         conn, work, seats = self._conn, self._work, self._seats
         assert conn is not None and work is not None
         self._conn = self._work = None
@@ -285,16 +296,17 @@ class _Lookup(asyncio.Future[T]):
         self._pool._later(work, lambda _: self._pool._release(conn, seats))
 
     def cancel(self, msg: Any = None) -> bool:
-        if self.done():
-            return False
-        if self._waiting is not None:
-            self._waiting.cancel()
-            self._waiting = None
-        if self._work is not None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._give_up()
+        if not self.done():
+            if self._waiting is not None:
+                self._waiting.cancel()
+                self._waiting = None
+            if self._work is not None:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._give_up()
+        # Done already: False, and, as for any future, a failure nobody will ask for
+        # is not logged as never retrieved (the client went away as it came).
         return super().cancel(msg)
 
 
