@@ -72,8 +72,8 @@ def _libpq_send_sync() -> Callable[[int], int] | None:
     """PQsendPipelineSync() of the libpq that psycopg loaded (libpq 17 and later): a
     Sync sent with the next flush rather than at once. psycopg does not wrap it; it
     documents ``PGconn.pgconn_ptr`` for calling such functions with ctypes. None
-    (each Sync then leaves at once, with its own write) for an older libpq or one
-    this cannot find."""
+    (each Sync then leaves at once, with its own write) for an older libpq, or when
+    not exactly one libpq is loaded."""
     if psycopg is None or pq.version() < 170000:
         return None
     try:
@@ -82,15 +82,15 @@ def _libpq_send_sync() -> Callable[[int], int] | None:
     except OSError:
         return None
     paths = {f[5].strip() for f in fields if len(f) == 6 and "/libpq" in f[5]}
-    for path in sorted(paths):
-        try:
-            function = ctypes.CDLL(path).PQsendPipelineSync
-        except (OSError, AttributeError):
-            continue
-        function.argtypes = [ctypes.c_void_p]
-        function.restype = ctypes.c_int
-        return function  # type: ignore[no-any-return]
-    return None
+    if len(paths) != 1:  # not certainly the library psycopg's connections belong to
+        return None
+    try:
+        function = ctypes.CDLL(paths.pop()).PQsendPipelineSync
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
 
 
 _send_sync = _libpq_send_sync()

@@ -211,7 +211,11 @@ class _Lookup(asyncio.Future[T]):
                 self.set_exception(e)
             return
         self._waiting = None
-        self.send(conn)
+        try:
+            self.send(conn)
+        except Exception as e:  # a bug, but the client gets RETRY rather than no answer
+            if not self.done():
+                self.set_exception(e)
 
     def send(self, conn: _Conn[Any]) -> None:
         """Run the query on ``conn``, whose seats are taken for us."""
@@ -379,7 +383,7 @@ class Pool(Generic[C]):
 
     def _unwatch(self, lookup: _Lookup[Any]) -> None:
         # The timer stays: when it fires it finds what is still in flight.
-        del self._in_flight[lookup]
+        self._in_flight.pop(lookup, None)  # None: answered before it was watched
 
     def _deadlines_at(self, when: float) -> None:
         assert self._loop is not None
