@@ -150,10 +150,6 @@ def _time_out(waiter: asyncio.Future[Any]) -> None:
         waiter.set_result(_TIMED_OUT)
 
 
-def _rows(rows: Rows) -> Rows:
-    return rows
-
-
 class _Lookup(asyncio.Future[T]):
     """One lookup's query, from the wait for a connection to the answer, with failover
     to the next host, the deadline, and cancel() to give it up. The pool's bookkeeping
@@ -353,8 +349,8 @@ class Pool(Generic[C]):
         table: str,
         sql_for: SqlFor,
         timeout: float,
-        shared: bool = False,
-        finish: Callable[[Rows], T] = _rows,  # type: ignore[assignment]
+        shared: bool,
+        finish: Callable[[Rows], T],
     ) -> asyncio.Future[T]:
         """``finish`` of the rows the query returns, from the first host that answers;
         TableRetry when none does by the deadline. ``table`` names the table in log
