@@ -26,7 +26,7 @@ from ..config.allowlist import build_allowlist
 from ..config.maincf import MainCf
 from ..settings import Settings
 from ..tables.base import ascii_fold, utf8_fold
-from .listener import listen_unix
+from .listener import listen_unix, serve_socket
 from .service import Service
 from .session import Session
 from .tablecache import TableCache
@@ -109,10 +109,7 @@ class ProxymapServer:
                 factory = lambda slot=slot: self._session(slot)  # noqa: E731
                 sock = self._listeners.get(name)
                 if sock is not None:
-                    loop = asyncio.get_running_loop()
-                    server = await loop.create_unix_server(
-                        factory, sock=sock, start_serving=accepting
-                    )
+                    server = await serve_socket(sock, factory, accepting=accepting)
                 else:
                     path = socket_path(self.maincf, self.settings, name)
                     server = await listen_unix(path, factory, owner=owner, accepting=accepting)

@@ -12,6 +12,10 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+#: Connections that may wait to be accepted: a burst of Postfix processes starting
+#: at once must not find the socket full (a client then gets EAGAIN).
+BACKLOG = 511
+
 
 class SocketInUse(Exception):
     """Another server already answers on the socket path."""
@@ -48,14 +52,14 @@ def prepare_socket_path(path: Path, owner: str | None = None) -> None:
         path.unlink()
 
 
-def bind_unix(path: Path, *, owner: str | None, backlog: int = 511) -> socket.socket:
+def bind_unix(path: Path, *, owner: str | None) -> socket.socket:
     """A listening socket at ``path``, for this process or for worker processes."""
     prepare_socket_path(path, owner)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
         os.chmod(path, 0o666)  # access is controlled by the directory, as Postfix does
-        sock.listen(backlog)
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -67,9 +71,19 @@ async def listen_unix(
     factory: Callable[[], asyncio.Protocol],
     *,
     owner: str | None,
-    backlog: int = 511,
     accepting: bool = True,
 ) -> asyncio.Server:
-    sock = bind_unix(path, owner=owner, backlog=backlog)
+    return await serve_socket(bind_unix(path, owner=owner), factory, accepting=accepting)
+
+
+async def serve_socket(
+    sock: socket.socket, factory: Callable[[], asyncio.Protocol], *, accepting: bool = True
+) -> asyncio.Server:
+    """Serve connections on a listening socket (ours, or one a master passed down).
+
+    The event loop calls listen() again, with a backlog of 100 unless told otherwise:
+    200 clients connecting at once would then find the socket full."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(factory, sock=sock, start_serving=accepting)
+    return await loop.create_unix_server(
+        factory, sock=sock, backlog=BACKLOG, start_serving=accepting
+    )
