@@ -136,6 +136,7 @@ class LmdbTable(LockedTable):
             raise
         self._identity = file_identity(st)
         self._page_size = self._env.stat()["psize"]
+        self._checked: tuple[int, int] | None = None  # (size, mtime) last found whole
         try:
             self._ready()
         except TableRetry:
@@ -161,15 +162,22 @@ class LmdbTable(LockedTable):
         """Refuse a file shorter than its last transaction: reading it would crash the server.
 
         Memory-mapped pages past the end of a file raise SIGBUS. LMDB never
-        shrinks its file, but a file truncated or copied over in place would.
+        shrinks its file, but a file truncated or copied over in place would. Only
+        a file whose size or modification time changed since it was last found whole
+        is checked again (env.info() is a tenth of an lmdb lookup's instructions).
         """
-        size = os.fstat(self._lock.fd).st_size
+        st = os.fstat(self._lock.fd)
+        seen = (st.st_size, st.st_mtime_ns)
+        if seen == self._checked:
+            return True
+        size = st.st_size
         if size < 2 * self._page_size or (
             size < (self._env.info()["last_pgno"] + 1) * self._page_size
         ):
             raise TableRetry(
                 f"{self.shown}: the file is shorter than its data: truncated or overwritten"
             )
+        self._checked = seen
         return True
 
     def _begin(self) -> lmdb.Transaction:
