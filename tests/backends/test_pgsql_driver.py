@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pyproxymap.tables.base import OpenContext, Table, TableRetry, ascii_fold
 from pyproxymap.tables.sql import pgsql
 from pyproxymap.tables.sql.pgsql import PgConn, PgsqlBackend, PgsqlTable, Query
-from tests.backends.conftest import Postgres, lookup, open_table, run
+from tests.backends.conftest import PG_PORT, RUN_DB, Postgres, lookup, open_table, run
 
 pytestmark = pytest.mark.backends
 
@@ -507,5 +508,24 @@ def test_a_driver_that_raises_is_retry_not_a_lookup_that_never_ends(
                 assert table.stats()["pool_in_use"] == 0
         finally:
             table.close()
+
+    run(scenario())
+
+
+def test_a_flush_due_on_a_closed_connection_does_nothing(pg: Postgres) -> None:
+    """A query queued in this turn of the event loop, then the connection closed before
+    the turn ends: the flush that was due must not touch the closed connection (nor its
+    file descriptor number, which another socket may have by then)."""
+
+    async def scenario() -> None:
+        driver = await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=PG_PORT, user="postgres", dbname=RUN_DB
+        )
+        conn = PgConn(driver)
+        query = conn.submit(b"SELECT 1")
+        conn.close()
+        await asyncio.sleep(0.05)
+        assert not query.done()  # nothing was written, so nothing failed either
+        await driver.close()
 
     run(scenario())

@@ -207,6 +207,8 @@ class PgConn:
             self.loop.call_soon(self._flush_queued)
 
     def _flush_queued(self) -> None:
+        if not self.unflushed:  # closed meanwhile: its fd number may be another's now
+            return
         self.unflushed = False
         try:
             self._flush()
@@ -314,6 +316,7 @@ class PgConn:
             await self.driver.cancel_safe(timeout=CANCEL_WAIT)
 
     def close(self) -> None:
+        self.unflushed = False  # a flush still due finds nothing to do
         try:
             self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
