@@ -43,7 +43,7 @@ import random
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -491,7 +491,7 @@ class Pool(Generic[C]):
             return self._take(self._idle.pop(), seats)
         if self._live < self.size or seats == self._depth or self._waiters:
             return None
-        conn = self._sharable(set())
+        conn = self._sharable(())
         if conn is not None:
             conn.users += seats
         return conn
@@ -501,7 +501,7 @@ class Pool(Generic[C]):
         self._busy.add(conn)
         return conn
 
-    def _sharable(self, tried: set[Host[Any]]) -> _Conn[C] | None:
+    def _sharable(self, tried: Collection[Host[Any]]) -> _Conn[C] | None:
         """The least used connection that can take one more lookup, if any."""
         best = None
         for conn in self._busy:
